@@ -1,0 +1,411 @@
+"""The shared data pipeline every task uses.
+
+file or hub dataset -> reader -> canonical records -> tokenised, cached features -> padded batch
+
+A task subclass says only what differs: how raw records become canonical columns
+(:meth:`TransformerDataModule.canonical_columns`) and how a batch of canonical columns is tokenised
+(:meth:`TransformerDataModule.encode`). Everything else lives here: reading, sample limits,
+tokenising once (rank 0, in ``prepare_data``) into an on-disk cache keyed by everything that
+affects the result, dynamic padding, length-grouped training batches and length-sorted
+evaluation batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Sampler
+
+from datamodules.readers import DataError, check_data_file, read_records
+
+SPLITS = ("train", "validation", "test", "predict")
+# Which splits each trainer entry point needs; ``fit`` also validates when a validation split exists.
+STAGE_SPLITS = {
+    TrainerFn.FITTING: ("train", "validation"),
+    TrainerFn.VALIDATING: ("validation",),
+    TrainerFn.TESTING: ("test",),
+    TrainerFn.PREDICTING: ("predict",),
+}
+CACHE_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``: where tokenised features are kept between launches."""
+    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+
+
+class TransformerDataModule(LightningDataModule):
+    """Base data module: local files (csv, tsv, json, jsonl, parquet) or a Hugging Face hub dataset.
+
+    Args:
+        train_file / validation_file / test_file / predict_file: local data files, one per split.
+        dataset_name / dataset_config_name: a hub dataset (``datasets.load_dataset``), used for the
+            splits that have no file.
+        hub_splits: hub split name per split when they are not ``train`` / ``validation`` / ``test``.
+        max_seq_length: longer inputs are truncated (tasks that window long inputs say so).
+        max_train_samples / max_eval_samples / max_predict_samples: keep only the first N records.
+        batch_size / eval_batch_size: per-process batch sizes (eval defaults to ``2 * batch_size``).
+        group_by_length: build training batches from examples of similar length (less padding).
+        pad_to_multiple_of: pad batch length to a multiple of this (8 helps tensor cores on GPU).
+        num_workers: DataLoader worker processes.
+        cache_dir: where tokenised features are cached (default ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``).
+        overwrite_cache: tokenise again even when a cached copy exists.
+    """
+
+    task_name = "base"
+    # columns the model consumes, and the value each list-valued one is padded with (None: the tokenizer's pad id)
+    model_input_pad: dict[str, int | None] = {"input_ids": None, "token_type_ids": 0}
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config_name: str | None = None,
+        hub_splits: dict[str, str] | None = None,
+        max_seq_length: int = 128,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        max_predict_samples: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        group_by_length: bool = True,
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        overwrite_cache: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.files = {"train": train_file, "validation": validation_file, "test": test_file, "predict": predict_file}
+        for split, path in self.files.items():
+            if path is not None:
+                check_data_file(path, f"data.{split}_file")
+        if max_seq_length < 8:
+            raise DataError(f"data.max_seq_length: expected an integer >= 8, got {max_seq_length}")
+        for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            value = getattr(self.hparams, key)
+            if value is not None and value < 1:
+                raise DataError(f"data.{key}: expected a positive integer or null, got {value}")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size: expected a positive integer, got {batch_size}")
+        self.dataset_name = dataset_name
+        self.dataset_config_name = dataset_config_name
+        self.hub_splits = {"train": "train", "validation": "validation", "test": "test", **(hub_splits or {})}
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.group_by_length = group_by_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.overwrite_cache = overwrite_cache
+        self.tokenizer: Any = None  # set by attach_tokenizer or taken from the model at prepare/setup time
+        self.datasets: dict[str, Any] = {}
+        self._hub: Any = None
+
+    # ---- what a task defines -------------------------------------------------------------------
+
+    def canonical_columns(self, records: list[dict[str, Any]], lines: list[int], split: str, source: str) -> dict[str, list]:
+        """Turn raw records into the task's canonical columns (validate here, naming ``source:line``)."""
+        raise NotImplementedError
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        """Tokenise a batch of canonical columns; must return ``input_ids`` (and may add other features)."""
+        raise NotImplementedError
+
+    def cache_key_params(self) -> dict[str, Any]:
+        """Every option that changes ``canonical_columns`` or ``encode`` output (part of the cache key)."""
+        return {"max_seq_length": self.max_seq_length}
+
+    def schema_splits(self) -> tuple[str, ...]:
+        """Splits to load in any stage because the model still needs something from them (its label set)."""
+        return ()
+
+    def on_features_ready(self, stage: str | None) -> None:
+        """Called at the end of :meth:`setup` once the stage's splits are loaded (labels are resolved here)."""
+
+    def extra_batch_columns(self, split: str) -> dict[str, np.ndarray]:
+        """Per-example arrays added to every batch of ``split`` (for example label ids)."""
+        return {}
+
+    # ---- tokenizer -----------------------------------------------------------------------------
+
+    def attach_tokenizer(self, tokenizer: Any) -> None:
+        """Use this tokenizer (normally the model's own, found automatically through the trainer)."""
+        self.tokenizer = tokenizer
+
+    def _get_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            model = self.trainer.lightning_module if self.trainer is not None else None
+            tokenizer = getattr(model, "tokenizer", None)
+            if tokenizer is None:
+                raise RuntimeError("no tokenizer: attach one with attach_tokenizer() or use a model that has one")
+            self.tokenizer = tokenizer
+        return self.tokenizer
+
+    # ---- splits and sources --------------------------------------------------------------------
+
+    def has_split(self, split: str) -> bool:
+        """Whether a file or hub dataset provides ``split``."""
+        if self.files[split] is not None:
+            return True
+        if self.dataset_name is None or split == "predict":
+            return False
+        return self.hub_splits.get(split) in self._hub_split_names()
+
+    def _hub_split_names(self) -> list[str]:
+        import datasets
+
+        return list(datasets.get_dataset_split_names(self.dataset_name, self.dataset_config_name))
+
+    def _stage_splits(self, stage: str | TrainerFn | None) -> list[str]:
+        fn = self.trainer.state.fn if self.trainer is not None and self.trainer.state.fn else None
+        if fn is None and stage is not None:
+            fn = {"fit": TrainerFn.FITTING, "validate": TrainerFn.VALIDATING, "test": TrainerFn.TESTING,
+                  "predict": TrainerFn.PREDICTING}[str(stage)]
+        wanted = STAGE_SPLITS[fn] if fn is not None else SPLITS
+        wanted = (*wanted, *(s for s in self.schema_splits() if s not in wanted))
+        splits = [s for s in wanted if self.has_split(s)]
+        needed = {TrainerFn.FITTING: "train", TrainerFn.VALIDATING: "validation", TrainerFn.TESTING: "test",
+                  TrainerFn.PREDICTING: "predict"}.get(fn)
+        if needed is not None and needed not in splits:
+            hint = f"data.{needed}_file" + (" (or a hub dataset with that split)" if needed != "predict" else "")
+            raise DataError(f"{fn.value} needs {needed} data: set {hint}")
+        return splits
+
+    def _source_name(self, split: str) -> str:
+        if self.files[split] is not None:
+            return str(self.files[split])
+        return f"{self.dataset_name}{'/' + self.dataset_config_name if self.dataset_config_name else ''}[{self.hub_splits[split]}]"
+
+    def _read_split(self, split: str) -> tuple[list[dict[str, Any]], list[int]]:
+        if self.files[split] is not None:
+            return read_records(self.files[split])
+        import datasets
+
+        ds = datasets.load_dataset(self.dataset_name, self.dataset_config_name, split=self.hub_splits[split])
+        records = ds.to_list()
+        # class-id label columns become their names, so hub and file data share one label vocabulary
+        for name, feature in ds.features.items():
+            if isinstance(feature, datasets.ClassLabel):
+                for r in records:
+                    r[name] = feature.int2str(r[name]) if r[name] is not None and r[name] >= 0 else None
+        if not records:
+            raise DataError(f"{self._source_name(split)}: the split holds no records")
+        return records, list(range(1, len(records) + 1))
+
+    def _max_samples(self, split: str) -> int | None:
+        return {"train": self.hparams.max_train_samples, "predict": self.hparams.max_predict_samples}.get(
+            split, self.hparams.max_eval_samples
+        )
+
+    # ---- caching -------------------------------------------------------------------------------
+
+    def _cache_path(self, split: str) -> Path:
+        from datasets.fingerprint import Hasher
+
+        h = hashlib.sha256()
+        if self.files[split] is not None:
+            with open(self.files[split], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(self._source_name(split).encode())
+        key = {
+            "version": CACHE_FORMAT_VERSION,
+            "task": type(self).__qualname__,
+            "split": split,
+            "max_samples": self._max_samples(split),
+            "params": self.cache_key_params(),
+            "tokenizer": Hasher.hash(self._get_tokenizer()),
+            # the code that builds features is part of the key: editing it invalidates old caches
+            "code": [inspect.getsource(type(self).canonical_columns), inspect.getsource(type(self).encode)],
+        }
+        h.update(repr(key).encode())
+        return self.cache_dir / self.task_name / f"{split}-{h.hexdigest()[:20]}.arrow"
+
+    def _load_split(self, split: str, build: bool) -> Any:
+        """The split's features from the cache; with ``build`` create them first when missing."""
+        import datasets
+
+        path = self._cache_path(split)
+        if path.is_file() and not (build and self.overwrite_cache):
+            return datasets.Dataset.from_file(str(path))
+        if not build:  # another rank was to build it in prepare_data
+            raise RuntimeError(f"tokenised cache {path} is missing; was prepare_data skipped?")
+        records, lines = self._read_split(split)
+        limit = self._max_samples(split)
+        if limit is not None:
+            records, lines = records[:limit], lines[:limit]
+        columns = self.canonical_columns(records, lines, split, self._source_name(split))
+        columns["line"] = lines
+        ds = datasets.Dataset.from_dict(columns)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features = ds.map(
+            self._encode_with_length,
+            batched=True,
+            batch_size=1000,
+            cache_file_name=str(path),  # datasets writes a temporary file and renames it: never half-written
+            desc=f"Tokenising {split}",
+        )
+        rank_zero_info(f"Tokenised {len(features)} {split} examples from {self._source_name(split)} -> {path}")
+        return features
+
+    def _encode_with_length(self, batch: dict[str, list]) -> dict[str, list]:
+        out = self.encode(batch)
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Read and tokenise every split this run needs, once (Lightning calls this on one process)."""
+        for split in self._stage_splits(None):
+            self._load_split(split, build=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in self._stage_splits(stage):
+            # prepare_data ran on local rank 0 only; without a trainer (tests, notebooks) build here
+            self.datasets[split] = self._load_split(split, build=self.trainer is None or self.trainer.world_size == 1)
+        self.on_features_ready(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.datasets["train"]
+        if self.group_by_length:
+            sampler: Sampler = LengthGroupedSampler(np.asarray(ds["length"]), self.batch_size)
+        else:
+            sampler = torch.utils.data.RandomSampler(range(len(ds)))
+        return self._loader("train", self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # no validation data: an empty list tells Lightning to skip validation
+        return self._eval_loader("validation") if "validation" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        lengths = np.asarray(self.datasets[split]["length"])
+        order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows at once
+        return self._loader(split, self.eval_batch_size, order.tolist())
+
+    def _loader(self, split: str, batch_size: int, sampler: Any) -> DataLoader:
+        tokenizer = self._get_tokenizer()
+        pad = {k: (tokenizer.pad_token_id if v is None else v) for k, v in self.model_input_pad.items()}
+        features = BatchFetcher(self.datasets[split], pad, self.extra_batch_columns(split))
+        collate = Collator(pad, tokenizer.padding_side, self.pad_to_multiple_of)
+        return DataLoader(
+            features,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class BatchFetcher(torch.utils.data.Dataset):
+    """Map-style dataset that fetches a whole batch of rows from the Arrow table in one call."""
+
+    def __init__(self, table: Any, pad: dict[str, int], extra: dict[str, np.ndarray]) -> None:
+        self.table = table.select_columns([c for c in pad if c in table.column_names])
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        batch = self.table[indices]
+        for name, values in self.extra.items():
+            batch[name] = values[indices]
+        batch["idx"] = np.asarray(indices)
+        return batch
+
+
+class Collator:
+    """Pads a columnar batch to its longest row (dynamic padding) and builds the attention mask."""
+
+    def __init__(self, pad: dict[str, int], padding_side: str = "right", pad_to_multiple_of: int | None = None) -> None:
+        self.pad = pad
+        self.left = padding_side == "left"
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if isinstance(batch, list):  # DataLoader with batch_size=None or a sampler yielding single items
+            batch = batch[0]
+        lengths = np.fromiter((len(x) for x in batch["input_ids"]), dtype=np.int64)
+        width = int(lengths.max())
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        out: dict[str, torch.Tensor] = {}
+        for name, rows in batch.items():
+            if name in self.pad:
+                out[name] = torch.from_numpy(self._pad_rows(rows, width, self.pad[name]))
+            elif isinstance(rows, np.ndarray):
+                out[name] = torch.from_numpy(rows)
+            else:
+                out[name] = torch.tensor(rows)
+        positions = np.arange(width)[None, :]
+        mask = positions >= (width - lengths)[:, None] if self.left else positions < lengths[:, None]
+        out["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
+        return out
+
+    def _pad_rows(self, rows: list[list[int]], width: int, value: int) -> np.ndarray:
+        arr = np.full((len(rows), width), value, dtype=np.int64)
+        for i, row in enumerate(rows):
+            if self.left:
+                arr[i, width - len(row):] = row
+            else:
+                arr[i, : len(row)] = row
+        return arr
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order where each run of ``batch_size`` indices has similar lengths.
+
+    As Hugging Face's ``group_by_length``: shuffle, cut into mega-batches of ``mega_factor``
+    batches, sort each mega-batch by length, and put the batch holding the longest example first.
+    The order depends only on the global seed and the epoch (``set_epoch``), so runs repeat exactly.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, mega_factor: int = 50, seed: int | None = None) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.mega = batch_size * mega_factor
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(len(self.lengths))
+        groups = [perm[i : i + self.mega] for i in range(0, len(perm), self.mega)]
+        groups = [g[np.argsort(-self.lengths[g], kind="stable")] for g in groups]
+        # each sorted group starts with its longest example; move the overall longest to the very front
+        top = int(np.argmax([self.lengths[g[0]] for g in groups]))
+        groups[0][0], groups[top][0] = groups[top][0], groups[0][0]
+        order = np.concatenate(groups)
+        return iter(order.tolist())

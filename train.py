@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""tuneforge: fine-tune Hugging Face transformers from the terminal.
+
+    python train.py fit --config experiments/quickstart.yaml [--config configs/trainer/gpu.yaml] [--key value ...]
+    python train.py validate|test|predict --config ... --ckpt_path runs/<name>/<time>/checkpoints/<file>.ckpt
+
+Every run gets its own directory (``<output_dir>/<run_name>/<timestamp>``) holding the resolved
+config, run info (git commit, versions, command), the checkpoints, the W&B / CSV / TensorBoard logs,
+the predictions and the Hugging Face export. Defaults come from ``configs/default.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silence the fork warning of DataLoader workers
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+
+from datamodules.base import TransformerDataModule  # noqa: E402
+from datamodules.readers import DataError  # noqa: E402
+from lit_modules.base import ConfigError, TransformerModule  # noqa: E402
+from lit_modules.callbacks import BestCheckpoint  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+USER_ERRORS = (DataError, ConfigError)
+
+
+# ---- one-line parser errors ------------------------------------------------------------------------
+
+def _key_source(argv: list[str], key: str) -> str:
+    """Where the value of ``key`` came from: the last ``--config`` file setting it (file:line) or the command line."""
+    flags = {f"--{key}", f"--{key.replace('.init_args', '')}"}
+    source = f"{DEFAULT_CONFIG.relative_to(ROOT)}:{_yaml_line(DEFAULT_CONFIG, key)}" if _yaml_line(DEFAULT_CONFIG, key) else None
+    for i, arg in enumerate(argv):
+        path = None
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        if path is not None:
+            line = _yaml_line(path, key) if path.is_file() else None
+            source = f"{path}:{line}" if line else source
+        elif arg.split("=", 1)[0] in flags:
+            source = "command line"
+    return source or "command line"
+
+
+def _yaml_line(path: Path, key: str) -> Optional[int]:
+    """1-based line of dotted ``key`` in a YAML file (``init_args`` levels optional), or None."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    parts = [p for p in key.split(".") if p != "init_args"]
+
+    def find(node: Any, parts: list[str]) -> Optional[int]:
+        if not parts or not isinstance(node, yaml.MappingNode):
+            return None
+        for k, v in node.value:
+            if k.value == parts[0]:
+                if len(parts) == 1:
+                    return k.start_mark.line + 1
+                return find(v, parts[1:])
+            if k.value == "init_args":
+                found = find(v, parts)
+                if found:
+                    return found
+        return None
+
+    return find(node, parts)
+
+
+def summarize_parser_error(message: str, argv: list[str]) -> str:
+    """Reduce jsonargparse's nested error report to one line: where, which key, what was expected."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    key_parts: list[str] = []
+    unknown = expected = got = None
+    for ln in lines:
+        if m := re.match(r'Parser key "([^"]+)"', ln):
+            key_parts.append(m.group(1))
+        elif m := re.search(r"Problem with given class_path '([^']+)'", ln):
+            key_parts.append("init_args")
+        elif m := re.search(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)|does not accept option '([^']+)'", ln):
+            unknown = m.group(1) or m.group(2)
+        elif m := re.search(r"unrecognized arguments: (.*)", ln):
+            return f"unknown option(s) {m.group(1)} (options are never abbreviated; see --help)"
+        elif (m := re.search(r"Expected a <class '([^']+)'>", ln)) and m.group(1) != "NoneType" and expected is None:
+            expected = m.group(1)
+        elif (m := re.search(r"(?:Expected a|Expected an) ([^.<]+?)\.? Got value", ln)) and expected is None:
+            expected = m.group(1)
+        if m := re.search(r"(?:Got value|Given value): (.*)", ln):
+            got = got or m.group(1)
+        if m := re.search(r"Import path (\S+) does not correspond to a subclass of (\S+)", ln):
+            return f"{'.'.join(key_parts) or 'class_path'}: '{m.group(1)}' is not a subclass of {m.group(2)}"
+    key = re.sub(r"(^|\.)init_args\.init_args", r"\1init_args", ".".join(key_parts))
+    if unknown is not None:
+        key = f"{key}.{unknown}" if key and not unknown.startswith(key) else unknown
+        what = "unknown key"
+    elif expected is not None:
+        key = key[: -len(".init_args")] if key.endswith(".init_args") else key
+        what = f"expected {expected}" + (f", got {got!r}" if got is not None else "")
+    else:
+        return lines[-1] if len(lines) == 1 else " ".join(lines[:3])
+    where = _key_source(argv, key)
+    return f"{where}: {key}: {what}"
+
+
+class TuneforgeParser(LightningArgumentParser):
+    """LightningCLI's parser with one-line error messages."""
+
+    argv: list[str] = []  # the arguments being parsed (set by TuneforgeCLI), to find config files in
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {summarize_parser_error(message, TuneforgeParser.argv)}\n")
+        sys.exit(2)
+
+
+# ---- W&B without prompts ---------------------------------------------------------------------------
+
+def wandb_api_key_available() -> bool:
+    """Whether W&B credentials can be found without network or prompt (environment or netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import netrc
+    from urllib.parse import urlsplit
+
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    for path in filter(None, [os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"]):
+        try:
+            if netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
+def wandb_host_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def choose_wandb_mode() -> tuple[str, str]:
+    """Pick the W&B mode so that ``wandb.init`` never prompts or blocks; returns (mode, reason)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return mode, "WANDB_MODE"
+    if not wandb_api_key_available():
+        reason = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+        os.environ["WANDB_MODE"] = "offline"
+        return "offline", reason
+    if not wandb_host_reachable():
+        os.environ["WANDB_MODE"] = "offline"
+        return "offline", "the W&B server is not reachable"
+    return "online", "API key found"
+
+
+# ---- run directory, config and run info --------------------------------------------------------------
+
+def git_info() -> dict[str, Any]:
+    """The commit of this checkout and whether tracked files differ from it (None outside git)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty)}
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the resolved config and run info into the run directory and logs them to every logger."""
+
+    def __init__(self, *args: Any, run_dir: Path, filled: list[tuple[Any, str, Any]], **kwargs: Any) -> None:
+        super().__init__(*args, save_to_log_dir=False, **kwargs)
+        self.run_dir = run_dir
+        self.filled = filled  # (namespace, key, value the user gave) for the paths train.py filled in
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Save what the user asked for, not this run's paths, so that rerunning the saved config
+        # starts a new run directory instead of writing into this one.
+        run_values = [(ns, key, ns[key]) for ns, key, _ in self.filled]
+        for ns, key, given in self.filled:
+            ns[key] = given
+        try:
+            self.parser.save(self.config, self.run_dir / "config.yaml", overwrite=True, skip_unset=False)
+            config = self.parser.dump(self.config, format="json", skip_unset=False)
+        finally:
+            for ns, key, value in run_values:
+                ns[key] = value
+        info = {
+            "command": [sys.executable, *sys.argv],
+            "git": git_info(),
+            "versions": {m: _version(m) for m in ("torch", "lightning", "transformers", "torchmetrics", "datasets", "peft", "wandb")},
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stage": stage,
+        }
+        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": json.loads(config), "git": info["git"], "run_dir": str(self.run_dir)})
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def make_run_dir(output_dir: str, run_name: str, subcommand: str) -> Path:
+    """A fresh directory name under ``output_dir/run_name`` (never one an earlier run used)."""
+    if os.environ.get("TUNEFORGE_RUN_DIR"):  # set by the launching process for its DDP workers
+        return Path(os.environ["TUNEFORGE_RUN_DIR"])
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + ("" if subcommand == "fit" else f"-{subcommand}")
+    base = Path(output_dir) / run_name / stamp
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+# ---- the CLI -------------------------------------------------------------------------------------
+
+class TuneforgeCLI(LightningCLI):
+    """LightningCLI with run directories, W&B that never blocks, export and test after fit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parser_kwargs = {
+            sub: {"default_config_files": [str(DEFAULT_CONFIG)], "allow_abbrev": False} for sub in SUBCOMMANDS
+        }
+        parser_kwargs["allow_abbrev"] = False
+        super().__init__(
+            TransformerModule,
+            TransformerDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=TuneforgeParser,
+            parser_kwargs=parser_kwargs,
+            save_config_callback=RunConfigCallback,
+            auto_configure_optimizers=False,
+            *args,
+            **kwargs,
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        TuneforgeParser.argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
+        super().parse_arguments(parser, args)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--output_dir", type=str, default="runs", help="Root of all run directories.")
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="Run group folder and W&B run name (default: the first --config file's name).")
+        parser.add_argument("--export", type=bool, default=True,
+                            help="After fit, write the best checkpoint as a Hugging Face folder (<run dir>/export).")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="After fit, test the best checkpoint when test data is configured.")
+        parser.add_argument("--predictions_file", type=Optional[str], default=None,
+                            help="predict output (JSONL); default <run dir>/predictions.jsonl.")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
+
+    # The run directory, loggers and checkpoint paths are fixed before any class is built.
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        cfg = self.config[sub]
+        configs = [Path(str(p)) for p in (cfg.get("config") or [])]
+        # the experiment file names the run: the first --config outside configs/ (presets live there)
+        experiments = [p for p in configs if "configs" not in p.resolve().relative_to(p.resolve().anchor).parts[:-1]]
+        run_name = cfg.run_name or ((experiments or configs)[0].stem if configs else "run")
+        self.run_dir = make_run_dir(cfg.output_dir, run_name, sub)
+        os.environ["TUNEFORGE_RUN_DIR"] = str(self.run_dir)
+        filled: list[tuple[Any, str, Any]] = []
+
+        def fill(ns: Any, key: str, value: Any) -> None:
+            filled.append((ns, key, ns.get(key)))
+            ns[key] = value
+
+        if cfg.trainer.default_root_dir is None:
+            fill(cfg.trainer, "default_root_dir", str(self.run_dir))
+        if cfg.checkpoint.dirpath is None:
+            fill(cfg.checkpoint, "dirpath", str(self.run_dir / "checkpoints"))
+        if cfg.trainer.enable_progress_bar is False and cfg.trainer.callbacks:
+            # the default config adds a progress bar; switching bars off must not be an error
+            kept = [c for c in cfg.trainer.callbacks if "ProgressBar" not in str(c.get("class_path", ""))]
+            fill(cfg.trainer, "callbacks", kept)
+        self.wandb_mode = None
+        loggers = cfg.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not hasattr(logger, "class_path"):
+                continue
+            args = logger.init_args
+            name = logger.class_path.rsplit(".", 1)[-1]
+            if name == "WandbLogger":
+                self.wandb_mode, reason = choose_wandb_mode()
+                rank_zero_info(f"W&B: {self.wandb_mode} ({reason})")
+                fill(args, "save_dir", str(self.run_dir))
+                if not args.get("name"):
+                    fill(args, "name", run_name)
+            elif name in ("CSVLogger", "TensorBoardLogger"):
+                fill(args, "save_dir", str(self.run_dir))
+                if args.get("name") in (None, "lightning_logs") and args.get("version") is None:
+                    fill(args, "name", "")
+                    fill(args, "version", "csv" if name == "CSVLogger" else "tensorboard")
+        self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "filled": filled}
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:  # the checkpoint section adds one unless switched off
+            callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
+        return self._instantiate_trainer(config, callbacks)
+
+    def after_instantiate_classes(self) -> None:
+        if isinstance(self.model, TransformerModule):
+            self.model.predictions_file = self.config[self.subcommand].predictions_file or str(self.run_dir / "predictions.jsonl")
+
+    def after_fit(self) -> None:
+        cfg = self.config["fit"]
+        trainer, model, dm = self.trainer, self.model, self.datamodule
+        if trainer.interrupted:
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results: dict[str, Any] = {"best_checkpoint": best or None}
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
+            results[trainer.checkpoint_callback.monitor] = float(trainer.checkpoint_callback.best_model_score)
+        if cfg.test_after_fit and isinstance(dm, TransformerDataModule) and dm.has_split("test"):
+            metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=True)
+            results["test"] = metrics[0] if metrics else {}
+        elif best:
+            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        if cfg.export and trainer.is_global_zero and isinstance(model, TransformerModule):
+            results["export"] = str(model.export(self.run_dir / "export"))
+        if trainer.is_global_zero:
+            self._finish(results)
+
+    def after_validate(self) -> None:
+        self._finish({"validate": self._metrics()})
+
+    def after_test(self) -> None:
+        self._finish({"test": self._metrics()})
+
+    def after_predict(self) -> None:
+        self._finish({"predictions": self.model.predictions_file})
+
+    def _metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+
+    def _finish(self, results: dict[str, Any]) -> None:
+        """Write results.json and print where everything went."""
+        if not self.trainer.is_global_zero:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        wandb_dir = next(iter(sorted((self.run_dir / "wandb").glob("*run-*"))), None) if self.wandb_mode else None
+        results = {"run_dir": str(self.run_dir), "wandb_run": str(wandb_dir) if wandb_dir else None, **results}
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        lines = [f"Run directory:   {self.run_dir}"]
+        if wandb_dir is not None:
+            sync = f" (offline; upload later with: wandb sync {wandb_dir})" if self.wandb_mode == "offline" else ""
+            lines.append(f"W&B run:         {wandb_dir}{sync}")
+        if results.get("best_checkpoint"):
+            lines.append(f"Best checkpoint: {results['best_checkpoint']}")
+        if results.get("export"):
+            lines.append(f"Export:          {results['export']}  (transformers.pipeline(task, model=this folder))")
+        if results.get("predictions"):
+            lines.append(f"Predictions:     {results['predictions']}")
+        for stage in ("validate", "test"):
+            if results.get(stage):
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(results[stage].items()) if "/" in k)
+                lines.append(f"{stage.capitalize()} metrics: {shown}")
+        print("\n".join(lines), flush=True)
+
+
+def _remove_unfinished_run(run_dir: Optional[Path]) -> None:
+    """After a user error, remove the run directory if nothing worth keeping (a checkpoint) was written."""
+    if run_dir is None or not run_dir.exists():
+        return
+    if any(run_dir.rglob("*.ckpt")):
+        return
+    _finish_wandb()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    if parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    if os.environ.get("LOCAL_RANK") is None:  # a fresh launch, not a DDP worker of this run
+        os.environ.pop("TUNEFORGE_RUN_DIR", None)
+    try:
+        TuneforgeCLI(args=args)
+    except Exception as e:
+        user_error = _user_error(e)
+        if user_error is None:
+            raise
+        sys.stderr.write(f"error: {user_error}\n")
+        _remove_unfinished_run(Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None)
+        return 2
+    finally:
+        _finish_wandb()
+    return 0
+
+
+def _user_error(error: BaseException) -> Optional[BaseException]:
+    """The DataError / ConfigError behind ``error`` (jsonargparse wraps errors raised while building classes)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, USER_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run of this process, so its files are complete when train.py returns."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
