@@ -43,7 +43,7 @@ from lit_modules.base import resolve_model_path  # noqa: E402
 
 def load_split(path: str, limit: int | None, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     records, _ = read_records(path)
-    records = records[:limit] if limit else records
+    records = records[:limit] if limit else records  # 0 or None: every record
     return [r[text_column] for r in records], [str(r[label_column]) for r in records]
 
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--validation_file", required=True)
     p.add_argument("--text_column", default="sentence")
     p.add_argument("--label_column", default="label")
-    p.add_argument("--max_train_samples", type=int, default=8000)
+    p.add_argument("--max_train_samples", type=int, default=8000, help="0 for the whole training file")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=5e-5)

@@ -108,7 +108,10 @@ class TransformerModule(LightningModule):
         self.model_path = resolve_model_path(model_name_or_path)
         self.trust_remote_code = trust_remote_code
         self.model_kwargs = dict(model_kwargs or {})
-        self.tokenizer = self.load_tokenizer(tokenizer_name_or_path or model_name_or_path)
+        self.tokenizer = self.load_tokenizer(
+            tokenizer_name_or_path or model_name_or_path,
+            "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path",
+        )
         self.model: Any = None  # built in configure_model, once the task knows its head (e.g. the label set)
         self.predictions_file: Optional[str] = None  # set by train.py; default: <run dir>/predictions.jsonl
         self._predictions: list[dict[str, Any]] = []
@@ -129,12 +132,10 @@ class TransformerModule(LightningModule):
 
     # ---- loading -------------------------------------------------------------------------------
 
-    def load_tokenizer(self, name_or_path: str) -> Any:
+    def load_tokenizer(self, name_or_path: str, key: str = "model.tokenizer_name_or_path") -> Any:
         from transformers import AutoTokenizer
 
-        return load_pretrained(
-            AutoTokenizer, name_or_path, "model.tokenizer_name_or_path", trust_remote_code=self.trust_remote_code
-        )
+        return load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code)
 
     def from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
         """Load ``model_name_or_path`` with ``auto_class``, the configured kwargs and ``trust_remote_code``."""

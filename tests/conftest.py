@@ -90,6 +90,7 @@ def write_experiment(path: Path, tiny_bert: Path, *, data: dict[str, Any] | None
                                     **(trainer or {})}
     if logger == "csv":
         trainer_args["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+    # logger="wandb" keeps the default (W&B); "none" leaves the logger to a preset given on the command line
     cfg = {
         "model": {
             "class_path": "lit_modules.text_classification.TextClassificationModule",
@@ -107,10 +108,14 @@ def run_train(args: list[str]) -> tuple[int, Path | None]:
     """Run train.py in this process; returns (exit code, run directory)."""
     import train
 
+    argv = sys.argv
+    sys.argv = [str(ROOT / "train.py")]  # LightningCLI warns when sys.argv holds arguments besides args
     try:
         code = train.main(args)
     except SystemExit as e:  # parser errors exit like argparse does
         code = int(e.code or 0)
+    finally:
+        sys.argv = argv
     run_dir = os.environ.get("TUNEFORGE_RUN_DIR")
     return code, Path(run_dir) if run_dir else None
 

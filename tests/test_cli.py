@@ -263,3 +263,40 @@ def test_print_config_works_for_the_quickstart() -> None:
     assert cfg["model"]["class_path"] == "lit_modules.text_classification.TextClassificationModule"
     assert cfg["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert cfg["checkpoint"]["monitor"] == "val/accuracy"
+
+
+def test_tensorboard_logger_preset(tiny_bert: Path, tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "tb.yaml", tiny_bert, logger="none", data={"max_train_samples": 64})
+    code, run_dir = run_train(["fit", "--config", str(exp), "--config", str(ROOT / "configs/logger/tensorboard.yaml"),
+                               "--output_dir", str(tmp_path / "runs"), "--export", "false", "--test_after_fit", "false"])
+    assert code == 0
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_logged_metrics_equal_scikit_learn_on_the_predictions(fitted: dict[str, Path], tmp_path: Path) -> None:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    exp = yaml.safe_load(fitted["exp"].read_text())
+    exp["data"]["init_args"]["predict_file"] = str(SENTIMENT / "validation.jsonl")
+    exp_path = tmp_path / "pred.yaml"
+    exp_path.write_text(yaml.safe_dump(exp))
+    ckpt = results(fitted["run_dir"])["best_checkpoint"]
+    code, pred_dir = run_train(["predict", "--config", str(exp_path), "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "r")])
+    assert code == 0
+    pred = [json.loads(x)["label"] for x in (pred_dir / "predictions.jsonl").read_text().splitlines()]
+    gold = [json.loads(x)["label"] for x in (SENTIMENT / "validation.jsonl").read_text().splitlines()]
+    code, val_dir = run_train(["validate", "--config", str(exp_path), "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "r")])
+    logged = results(val_dir)["validate"]
+    assert logged["val/accuracy"] == pytest.approx(accuracy_score(gold, pred), abs=1e-6)
+    assert logged["val/f1"] == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-6)
+    assert logged["val/mcc"] == pytest.approx(matthews_corrcoef(gold, pred), abs=1e-5)
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _ = run_train(["fit", "--model", "lit_modules.text_classification.TextClassificationModule",
+                         "--model.model_name_or_path", "some-org/not-cached-model", "--data",
+                         "datamodules.text_classification.TextClassificationDataModule", "--data.train_file",
+                         str(SENTIMENT / "train.jsonl"), "--output_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith("error: model.model_name_or_path: cannot load 'some-org/not-cached-model' as a hub id")

@@ -110,7 +110,8 @@ def test_eval_batches_sorted_by_length(tokenizer: Any, tmp_path: Path) -> None:
     widths = [b["attention_mask"].sum(1) for b in batches]
     flat = torch.cat(widths).tolist()
     assert flat == sorted(flat, reverse=True)
-    assert sorted(torch.cat([b["idx"] for b in batches]).tolist()) == list(range(100))
+    n = len((SENTIMENT / "validation.jsonl").read_text().splitlines())
+    assert sorted(torch.cat([b["idx"] for b in batches]).tolist()) == list(range(n))
 
 
 def test_collator_left_padding_and_multiple() -> None:
@@ -228,3 +229,21 @@ def test_max_samples(tokenizer: Any, tmp_path: Path) -> None:
                  validation_file=str(SENTIMENT / "validation.jsonl"), max_train_samples=50, max_eval_samples=7)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 50 and len(dm.datasets["validation"]) == 7
+
+
+def test_dataset_name_path_with_class_labels(tokenizer: Any, tmp_path: Path) -> None:
+    """``dataset_name`` goes through ``datasets.load_dataset`` (a local dataset folder here, a hub id for users);
+    class-id labels come out as their names."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    for split, rows in {"train": (["good", "bad", "fine"], [1, 0, 1]), "validation": (["great", "awful"], [1, 0])}.items():
+        datasets.Dataset.from_dict({"sentence": rows[0], "label": rows[1]}, features=features).to_parquet(folder / f"{split}.parquet")
+    dm = make_dm(tokenizer, tmp_path, dataset_name=str(folder))
+    assert dm.has_split("train") and dm.has_split("validation") and not dm.has_split("test")
+    dm.setup("fit")
+    assert dm.labels == ["neg", "pos"]
+    assert dm.datasets["train"]["label"] == ["pos", "neg", "pos"]
+    assert dm.label_ids["validation"].tolist() == [1, 0]
