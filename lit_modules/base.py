@@ -169,20 +169,25 @@ class TransformerModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def stage_metrics(self, stage: str) -> tuple[MeanMetric, MetricCollection]:
+        """The loss mean and the metric collection of ``stage`` ("val" or "test")."""
+        return (self.val_loss, self.val_metrics) if stage == "val" else (self.test_loss, self.test_metrics)
+
+    def evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """One validation / test batch: loss and task metrics, logged per epoch as ``<stage>/<name>``."""
         outputs = self(**self.model_inputs(batch))
         n = batch["input_ids"].shape[0]
-        loss_metric, metrics = (self.val_loss, self.val_metrics) if stage == "val" else (self.test_loss, self.test_metrics)
+        loss_metric, metrics = self.stage_metrics(stage)
         loss_metric.update(outputs.loss.detach(), weight=n)
         self.update_metrics(metrics, outputs, batch)
         self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=n)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self.evaluation_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self.evaluation_step(batch, "test")
 
     # ---- optimisation --------------------------------------------------------------------------
 
