@@ -78,7 +78,13 @@ class TransformerModule(LightningModule):
         lr_scheduler_type: ``linear`` or ``cosine`` decay to 0, or ``constant``, each after warmup.
         warmup_steps: warmup optimizer steps; when 0, ``warmup_ratio`` of all optimizer steps.
         fused_optimizer: use the fused AdamW kernel (``null``: whenever every parameter allows it).
+        peft: a parameter-efficient method, ``{peft_type: LORA, r: 8, ...}`` (any ``peft`` method and its
+            options; presets in ``configs/peft/``). Only its parameters and the task head are trained,
+            and checkpoints hold only those.
+        export_merged: with ``peft``, export also ``<export>-merged``: adapters merged into a plain model.
     """
+
+    peft_task_type: Optional[str] = None  # peft's TaskType for this task (SEQ_CLS, TOKEN_CLS, ...)
 
     def __init__(
         self,
@@ -95,6 +101,8 @@ class TransformerModule(LightningModule):
         warmup_ratio: float = 0.0,
         warmup_steps: int = 0,
         fused_optimizer: Optional[bool] = None,
+        peft: Optional[dict[str, Any]] = None,
+        export_merged: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also records the task subclass's arguments
@@ -112,6 +120,16 @@ class TransformerModule(LightningModule):
             tokenizer_name_or_path or model_name_or_path,
             "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path",
         )
+        self.peft_config = None
+        if peft:
+            from lit_modules.peft_support import PROMPT_LEARNING, build_peft_config, peft_type
+
+            self.peft_config = build_peft_config(peft, self.peft_task_type)
+            if export_merged and peft_type(self.peft_config) in PROMPT_LEARNING:
+                raise ConfigError(f"model.export_merged: {peft_type(self.peft_config)} adds virtual tokens and cannot "
+                                  "be merged into the weights; export the adapter only")
+            self.strict_loading = False  # PEFT checkpoints hold only the trained parameters
+        self.export_merged = export_merged
         self.model: Any = None  # built in configure_model, once the task knows its head (e.g. the label set)
         self.predictions_file: Optional[str] = None  # set by train.py; default: <run dir>/predictions.jsonl
         self._predictions: list[dict[str, Any]] = []
@@ -145,14 +163,34 @@ class TransformerModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_model()
+        model = self.build_model()
+        if self.peft_config is not None:
+            from lit_modules.peft_support import apply_peft
+
+            model = apply_peft(model, self.peft_config)
+            self._check_peft_forward(model)
         # transformers returns models in eval mode; without this dropout would silently stay off
-        self.model.train()
+        self.model = model.train()
         metrics = self.build_metrics()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    def _check_peft_forward(self, model: Any) -> None:
+        """Prompt-learning methods fail only when the model runs; try one tiny input now, before any training."""
+        from lit_modules.peft_support import PROMPT_LEARNING, peft_type
+
+        if peft_type(self.peft_config) not in PROMPT_LEARNING:
+            return
+        ids = self.tokenizer("check", return_tensors="pt")
+        try:
+            with torch.no_grad():
+                model.eval()(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+        except (ValueError, TypeError, RuntimeError, AttributeError, NotImplementedError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.peft: {peft_type(self.peft_config)} does not fit "
+                              f"{type(model.base_model).__name__}: {reason}") from None
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -213,9 +251,48 @@ class TransformerModule(LightningModule):
         warmup = hp.warmup_steps if hp.warmup_steps > 0 else math.ceil(hp.warmup_ratio * total)
         name = {"constant": "constant_with_warmup"}.get(hp.lr_scheduler_type, hp.lr_scheduler_type)
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        self._size_adalora(total)
         rank_zero_info(f"Optimizer: AdamW{' (fused)' if fused else ''}, {total} optimizer steps, {warmup} warmup, "
                        f"{hp.lr_scheduler_type} schedule")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def _size_adalora(self, total: int) -> None:
+        """AdaLoRA's rank budget schedule runs over the real number of optimizer steps."""
+        from lit_modules.peft_support import adalora_allocator
+
+        allocator = adalora_allocator(self.model) if self.peft_config is not None else None
+        if allocator is None:
+            return
+        config = allocator.peft_config
+        if config.total_step not in (10**9, total):
+            rank_zero_info(f"AdaLoRA: total_step {config.total_step} replaced by the real number of optimizer steps, {total}")
+        config.total_step = total
+        if config.tinit + config.tfinal >= total:
+            raise ConfigError(f"model.peft: AdaLoRA needs tinit + tfinal ({config.tinit} + {config.tfinal}) below the "
+                              f"number of optimizer steps ({total})")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # AdaLoRA reallocates ranks from the gradients of the step just taken, after every optimizer step
+        if self.peft_config is not None and hasattr(self.model.base_model, "update_and_allocate"):
+            self.model.base_model.update_and_allocate(self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft_config is None:
+            return
+        # keep what was trained (adapters and the task head); the frozen base comes from from_pretrained
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft_config is None:
+            return
+        self.configure_model()
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trained - set(checkpoint["state_dict"]))
+        if missing:
+            raise ConfigError(f"checkpoint lacks {len(missing)} trained parameter(s) of this PEFT model, "
+                              f"e.g. {missing[0]}: was it saved with the same model.peft settings?")
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 
@@ -276,19 +353,29 @@ class TransformerModule(LightningModule):
         Written to a temporary folder first and renamed, so a failed export leaves nothing half-written.
         """
         out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        try:
-            self.export_model().save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _save_folder(self.export_model(), self.tokenizer, out)
+        if self.peft_config is not None and self.export_merged:
+            import copy
+
+            merged = copy.deepcopy(self.export_model()).merge_and_unload()
+            _save_folder(merged, self.tokenizer, out.with_name(out.name + "-merged"))
         return out
 
     def export_model(self) -> Any:
-        """The model object to save on export (PEFT tasks merge adapters here)."""
+        """The model object to save on export (with PEFT: the adapter; ``save_pretrained`` writes only it)."""
         return self.model
+
+
+def _save_folder(model: Any, tokenizer: Any, out: Path) -> None:
+    """``save_pretrained`` model and tokenizer into a temporary folder, then rename: never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

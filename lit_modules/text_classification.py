@@ -33,6 +33,7 @@ class TextClassificationModule(TransformerModule):
     """
 
     prediction_input_fields = ("text", "text_pair")
+    peft_task_type = "SEQ_CLS"
 
     def __init__(
         self,

@@ -1,0 +1,93 @@
+"""Parameter-efficient fine-tuning through the ``peft`` library, for every task.
+
+A run asks for a method with a plain mapping (``model.peft`` in YAML; presets in ``configs/peft/``):
+
+    peft: {peft_type: LORA, r: 8, lora_alpha: 16, lora_dropout: 0.1}
+
+Any ``peft_type`` that ``peft`` knows works (LORA, ADALORA, IA3, PREFIX_TUNING, PROMPT_TUNING,
+P_TUNING, LOHA, LOKR, OFT, VERA, ...); the other keys are that method's config fields. The task sets
+``task_type``, so ``peft`` keeps the task head trainable and, where ``target_modules`` is not given,
+picks them for the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from lit_modules.base import ConfigError
+
+PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
+
+
+def build_peft_config(spec: dict[str, Any], task_type: str | None) -> Any:
+    """A ``peft`` config object from ``spec``; errors name the key and list what is accepted."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    spec = dict(spec)
+    kind = str(spec.pop("peft_type", spec.pop("method", ""))).upper()
+    by_name = {str(k.value if hasattr(k, "value") else k).upper(): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    if kind not in by_name:
+        raise ConfigError(f"model.peft.peft_type: expected one of {', '.join(sorted(by_name))}, got {kind or 'nothing'!r}")
+    config_class = by_name[kind]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        accepted = sorted(fields - {"peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                                    "inference_mode"})
+        raise ConfigError(f"model.peft.{unknown[0]}: unknown option for {kind}; accepted: {', '.join(accepted)}")
+    if task_type is not None and "task_type" in fields:
+        spec.setdefault("task_type", task_type)
+    if kind == "ADALORA":
+        # peft insists on a total at construction; the base module replaces it with the trainer's real
+        # number of optimizer steps before training starts
+        spec.setdefault("total_step", 10**9)
+    try:
+        return config_class(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.peft: invalid {kind} settings: {str(e).splitlines()[0]}") from None
+
+
+def peft_type(config: Any) -> str:
+    value = config.peft_type
+    return str(getattr(value, "value", value)).upper()
+
+
+def apply_peft(model: Any, config: Any) -> Any:
+    """Wrap ``model``; a method that does not fit the architecture fails here with the reason."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if "target" in reason.lower() or "No modules were targeted" in reason:
+            hint = f"; modules that can be targeted: {', '.join(linear_module_names(model)[:40])}"
+        raise ConfigError(f"model.peft: {peft_type(config)} does not fit {type(model).__name__}: {reason}{hint}") from None
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct last-name components of the model's linear / conv / embedding layers (target_modules candidates)."""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds) and name}
+    names |= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if type(module).__name__ == "Conv1D" and name}
+    return sorted(names)
+
+
+def adalora_allocator(model: Any) -> Any:
+    """The AdaLoRA rank allocator of a wrapped model, or None for other methods."""
+    base = getattr(model, "base_model", None)
+    return getattr(base, "rankallocator", None) if base is not None and hasattr(base, "update_and_allocate") else None
+
+
+def adalora_ranks(model: Any) -> dict[str, int]:
+    """Current rank of every AdaLoRA layer: the number of singular values still non-zero."""
+    ranks = {}
+    for name, module in model.named_modules():
+        lora_e = getattr(module, "lora_E", None)
+        if isinstance(lora_e, torch.nn.ParameterDict) and "default" in lora_e:
+            ranks[name] = int((lora_e["default"].detach() != 0).sum())
+    return ranks
