@@ -158,6 +158,10 @@ class TransformerDataModule(LightningDataModule):
     # ---- splits and sources --------------------------------------------------------------------
 
     def has_split(self, split: str) -> bool:
+        """Whether this run will have data for ``split``."""
+        return self._has_source(split)
+
+    def _has_source(self, split: str) -> bool:
         """Whether a file or hub dataset provides ``split``."""
         if self.files[split] is not None:
             return True
@@ -177,7 +181,7 @@ class TransformerDataModule(LightningDataModule):
                   "predict": TrainerFn.PREDICTING}[str(stage)]
         wanted = STAGE_SPLITS[fn] if fn is not None else SPLITS
         wanted = (*wanted, *(s for s in self.schema_splits() if s not in wanted))
-        splits = [s for s in wanted if self.has_split(s)]
+        splits = [s for s in wanted if self._has_source(s)]
         needed = {TrainerFn.FITTING: "train", TrainerFn.VALIDATING: "validation", TrainerFn.TESTING: "test",
                   TrainerFn.PREDICTING: "predict"}.get(fn)
         if needed is not None and needed not in splits:

@@ -38,6 +38,11 @@ class TextClassificationDataModule(TransformerDataModule):
         label_column: column with the label: a class name or id, a list of class names (multi-label),
             or a number (regression).
         label_separator: for CSV/TSV multi-label data, the separator inside the label field (e.g. ``"|"``).
+        few_shot_k: train on K examples per class drawn from the training data (few-shot learning).
+        few_shot_seed: the seed of that draw; run several seeds and report mean and spread.
+        few_shot_dev: where the equally small dev set comes from: ``train`` (K more per class from the
+            training data, as LM-BFF), ``validation`` (K per class from the validation data) or ``full``
+            (the whole validation data).
         **kwargs: the shared options of :class:`~datamodules.base.TransformerDataModule`.
     """
 
@@ -49,9 +54,17 @@ class TextClassificationDataModule(TransformerDataModule):
         text_pair_column: Optional[str] = None,
         label_column: str = "label",
         label_separator: Optional[str] = None,
+        few_shot_k: Optional[int] = None,
+        few_shot_seed: int = 13,
+        few_shot_dev: Literal["train", "validation", "full"] = "train",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if few_shot_k is not None and few_shot_k < 1:
+            raise DataError(f"data.few_shot_k: expected a positive integer or null, got {few_shot_k}")
+        self.few_shot_k = few_shot_k
+        self.few_shot_seed = few_shot_seed
+        self.few_shot_dev = few_shot_dev
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
@@ -59,6 +72,11 @@ class TextClassificationDataModule(TransformerDataModule):
         self.label_separator = label_separator
         self.labels: list[str] | None = None
         self.label_ids: dict[str, np.ndarray] = {}
+
+    def has_split(self, split: str) -> bool:
+        if split == "validation" and self.few_shot_k and self.few_shot_dev == "train":
+            return super().has_split("train")  # the few-shot dev set is drawn from the training data
+        return super().has_split(split)
 
     def cache_key_params(self) -> dict[str, Any]:
         return {**super().cache_key_params(), "text": self.text_column, "pair": self.text_pair_column,
@@ -172,6 +190,8 @@ class TextClassificationDataModule(TransformerDataModule):
                 raise DataError(f"{self._source_name('train')}: the training labels hold one class ({labels[0]!r}); "
                                 "classification needs at least two")
         self.problem_type, self.labels = problem_type, labels
+        if self.few_shot_k and train is not None and stage in (None, "fit"):
+            self._draw_few_shot(train)
         label2id = {name: i for i, name in enumerate(labels or [])}
         for split, ds in self.datasets.items():
             if split == "predict":
@@ -179,6 +199,35 @@ class TextClassificationDataModule(TransformerDataModule):
             self.label_ids[split] = self._ids(ds, split, label2id)
         if labels is not None:
             rank_zero_info(f"{len(labels)} labels ({problem_type}): {', '.join(labels[:20])}{' ...' if len(labels) > 20 else ''}")
+
+    def _draw_few_shot(self, train: Any) -> None:
+        """Keep K training examples per class (and a dev set of the same size), drawn with ``few_shot_seed``."""
+        if self.problem_type != "single_label_classification":
+            raise DataError(f"data.few_shot_k: few-shot sampling needs single-label classes, not {self.problem_type}")
+        k, rng = self.few_shot_k, np.random.default_rng(self.few_shot_seed)
+
+        def draw(ds: Any, split: str, per_class: int) -> dict[str, np.ndarray]:
+            column = np.asarray(ds["label"])
+            picks = {}
+            for name in self.labels:
+                rows = np.flatnonzero(column == name)
+                if len(rows) < per_class:
+                    raise DataError(f"{self._source_name(split)}: data.few_shot_k={k} needs {per_class} '{name}' "
+                                    f"examples, found {len(rows)}")
+                picks[name] = rng.permutation(rows)[:per_class]
+            return picks
+
+        from_dev = self.few_shot_dev == "train"
+        picks = draw(train, "train", 2 * k if from_dev else k)
+        self.datasets["train"] = train.select(sorted(int(i) for p in picks.values() for i in p[:k]))
+        if from_dev:
+            self.datasets["validation"] = train.select(sorted(int(i) for p in picks.values() for i in p[k:]))
+        elif self.few_shot_dev == "validation" and "validation" in self.datasets:
+            dev = draw(self.datasets["validation"], "validation", k)
+            self.datasets["validation"] = self.datasets["validation"].select(sorted(int(i) for p in dev.values() for i in p))
+        dev_size = len(self.datasets["validation"]) if "validation" in self.datasets else 0
+        rank_zero_info(f"Few-shot: {k} per class (seed {self.few_shot_seed}): {len(self.datasets['train'])} training and "
+                       f"{dev_size} dev examples (dev from {self.few_shot_dev})")
 
     def _ids(self, ds: Any, split: str, label2id: dict[str, int]) -> np.ndarray:
         source = self._source_name(split)

@@ -116,9 +116,12 @@ class TransformerModule(LightningModule):
         self.model_path = resolve_model_path(model_name_or_path)
         self.trust_remote_code = trust_remote_code
         self.model_kwargs = dict(model_kwargs or {})
+        # a tokenizer stored with the weights needs the same file options (e.g. a GGUF file's name)
+        same_files = {k: v for k, v in self.model_kwargs.items() if k in ("gguf_file", "revision", "subfolder")}
         self.tokenizer = self.load_tokenizer(
             tokenizer_name_or_path or model_name_or_path,
             "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path",
+            **({} if tokenizer_name_or_path else same_files),
         )
         self.peft_config = None
         if peft:
@@ -150,10 +153,10 @@ class TransformerModule(LightningModule):
 
     # ---- loading -------------------------------------------------------------------------------
 
-    def load_tokenizer(self, name_or_path: str, key: str = "model.tokenizer_name_or_path") -> Any:
+    def load_tokenizer(self, name_or_path: str, key: str = "model.tokenizer_name_or_path", **kwargs: Any) -> Any:
         from transformers import AutoTokenizer
 
-        return load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code)
+        return load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code, **kwargs)
 
     def from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
         """Load ``model_name_or_path`` with ``auto_class``, the configured kwargs and ``trust_remote_code``."""

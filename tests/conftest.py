@@ -44,8 +44,9 @@ def build_tiny_bert(directory: Path, words: list[str], **config: Any) -> Path:
     chars = sorted({c for w in words for c in w})
     vocab = specials + sorted(set(words)) + chars + [f"##{c}" for c in chars]
     vocab = list(dict.fromkeys(vocab))
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # transformers 5's BertTokenizer takes the vocabulary itself (a vocab_file argument is silently ignored)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    assert tokenizer.tokenize(words[0]) != [tokenizer.unk_token], "tiny tokenizer lost its vocabulary"
     tokenizer.save_pretrained(directory)
     cfg = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -58,12 +59,45 @@ def build_tiny_bert(directory: Path, words: list[str], **config: Any) -> Path:
     return directory
 
 
+def build_tiny_llama(directory: Path, texts: list[str]) -> Path:
+    """Save a random 2-layer Llama (hidden size 32) and a byte-level BPE tokenizer trained on ``texts``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<pad>")
+    tokenizer.save_pretrained(directory)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    return directory
+
+
+def corpus_texts() -> list[str]:
+    return [json.loads(line)["text"] for split in ("train", "validation", "test")
+            for line in (SENTIMENT / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
 def corpus_words() -> list[str]:
     words: set[str] = set()
     for split in ("train", "validation", "test"):
         for line in (SENTIMENT / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             words.update(re.findall(r"[a-z]+|[^a-z\s]", json.loads(line)["text"].lower()))
     return sorted(words)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama-architecture causal LM with a BPE tokenizer trained on the quickstart sentences."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), corpus_texts())
 
 
 @pytest.fixture(scope="session")

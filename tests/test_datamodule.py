@@ -247,3 +247,9 @@ def test_dataset_name_path_with_class_labels(tokenizer: Any, tmp_path: Path) -> 
     assert dm.labels == ["neg", "pos"]
     assert dm.datasets["train"]["label"] == ["pos", "neg", "pos"]
     assert dm.label_ids["validation"].tolist() == [1, 0]
+
+
+def test_tiny_tokenizer_knows_the_corpus(tokenizer: Any) -> None:
+    """Guard for the test fixtures themselves: the tiny tokenizer must not map text to [UNK]."""
+    ids = tokenizer("The planetarium show was mesmerizing.")["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) > 4
