@@ -11,6 +11,7 @@ the predictions and the Hugging Face export. Defaults come from ``configs/defaul
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from datamodules.base import TransformerDataModule  # noqa: E402
 from datamodules.readers import DataError  # noqa: E402
 from lit_modules.base import ConfigError, TransformerModule  # noqa: E402
-from lit_modules.callbacks import BestCheckpoint  # noqa: E402
+from lit_modules.callbacks import BestCheckpoint, RunMetadata  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -45,8 +46,11 @@ USER_ERRORS = (DataError, ConfigError)
 
 # ---- one-line parser errors ------------------------------------------------------------------------
 
-def _key_source(argv: list[str], key: str) -> str:
-    """Where the value of ``key`` came from: the last ``--config`` file setting it (file:line) or the command line."""
+def _key_source(argv: list[str], key: str, cwd: str = ".") -> str:
+    """Where the value of ``key`` came from: the last ``--config`` file setting it (file:line) or the command line.
+
+    ``cwd`` is the directory the arguments were given in (jsonargparse changes directory while it parses).
+    """
     flags = {f"--{key}", f"--{key.replace('.init_args', '')}"}
     source = f"{DEFAULT_CONFIG.relative_to(ROOT)}:{_yaml_line(DEFAULT_CONFIG, key)}" if _yaml_line(DEFAULT_CONFIG, key) else None
     for i, arg in enumerate(argv):
@@ -56,7 +60,8 @@ def _key_source(argv: list[str], key: str) -> str:
         elif arg.startswith("--config="):
             path = Path(arg.split("=", 1)[1])
         if path is not None:
-            line = _yaml_line(path, key) if path.is_file() else None
+            full = path if path.is_absolute() else Path(cwd) / path
+            line = _yaml_line(full, key) if full.is_file() else None
             source = f"{path}:{line}" if line else source
         elif arg.split("=", 1)[0] in flags:
             source = "command line"
@@ -90,7 +95,7 @@ def _yaml_line(path: Path, key: str) -> Optional[int]:
     return find(node, parts)
 
 
-def summarize_parser_error(message: str, argv: list[str]) -> str:
+def summarize_parser_error(message: str, argv: list[str], cwd: str = ".") -> str:
     """Reduce jsonargparse's nested error report to one line: where, which key, what was expected."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     key_parts: list[str] = []
@@ -121,7 +126,7 @@ def summarize_parser_error(message: str, argv: list[str]) -> str:
         what = f"expected {expected}" + (f", got {got!r}" if got is not None else "")
     else:
         return lines[-1] if len(lines) == 1 else " ".join(lines[:3])
-    where = _key_source(argv, key)
+    where = _key_source(argv, key, cwd)
     return f"{where}: {key}: {what}"
 
 
@@ -129,11 +134,12 @@ class TuneforgeParser(LightningArgumentParser):
     """LightningCLI's parser with one-line error messages."""
 
     argv: list[str] = []  # the arguments being parsed (set by TuneforgeCLI), to find config files in
+    cwd: str = "."
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        sys.stderr.write(f"error: {summarize_parser_error(message, TuneforgeParser.argv)}\n")
+        sys.stderr.write(f"error: {summarize_parser_error(message, TuneforgeParser.argv, TuneforgeParser.cwd)}\n")
         sys.exit(2)
 
 
@@ -214,7 +220,9 @@ class RunConfigCallback(SaveConfigCallback):
         for ns, key, given in self.filled:
             ns[key] = given
         try:
-            self.parser.save(self.config, self.run_dir / "config.yaml", overwrite=True, skip_unset=False)
+            name = "config.yaml" if not (self.run_dir / "config.yaml").exists() else \
+                f"config.resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml"  # a resumed run keeps its first config
+            self.parser.save(self.config, self.run_dir / name, overwrite=True, skip_unset=False)
             config = self.parser.dump(self.config, format="json", skip_unset=False)
         finally:
             for ns, key, value in run_values:
@@ -245,7 +253,11 @@ def make_run_dir(output_dir: str, run_name: str, subcommand: str) -> Path:
     """A fresh directory name under ``output_dir/run_name`` (never one an earlier run used)."""
     if os.environ.get("TUNEFORGE_RUN_DIR"):  # set by the launching process for its DDP workers
         return Path(os.environ["TUNEFORGE_RUN_DIR"])
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + ("" if subcommand == "fit" else f"-{subcommand}")
+    suffix = "" if subcommand == "fit" else f"-{subcommand}"
+    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        # every task of the job, and the job again after a requeue, uses the same directory
+        return Path(output_dir) / run_name / f"slurm-{os.environ['SLURM_JOB_ID']}{suffix}"
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + suffix
     base = Path(output_dir) / run_name / stamp
     path, n = base, 1
     while path.exists():
@@ -278,6 +290,7 @@ class TuneforgeCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         TuneforgeParser.argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
+        TuneforgeParser.cwd = os.getcwd()
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -300,7 +313,8 @@ class TuneforgeCLI(LightningCLI):
         # the experiment file names the run: the first --config outside configs/ (presets live there)
         experiments = [p for p in configs if "configs" not in p.resolve().relative_to(p.resolve().anchor).parts[:-1]]
         run_name = cfg.run_name or ((experiments or configs)[0].stem if configs else "run")
-        self.run_dir = make_run_dir(cfg.output_dir, run_name, sub)
+        resume = self._resume_point(cfg, run_name) if sub == "fit" else {}
+        self.run_dir = Path(resume["run_dir"]) if resume.get("run_dir") else make_run_dir(cfg.output_dir, run_name, sub)
         os.environ["TUNEFORGE_RUN_DIR"] = str(self.run_dir)
         filled: list[tuple[Any, str, Any]] = []
 
@@ -312,6 +326,11 @@ class TuneforgeCLI(LightningCLI):
             fill(cfg.trainer, "default_root_dir", str(self.run_dir))
         if cfg.checkpoint.dirpath is None:
             fill(cfg.checkpoint, "dirpath", str(self.run_dir / "checkpoints"))
+        strategy = cfg.trainer.strategy
+        strategy_name = str(strategy.get("class_path") if hasattr(strategy, "get") else strategy)
+        if "deepspeed" in strategy_name.lower() and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"trainer.strategy: {strategy_name} needs the optional package deepspeed "
+                              "(pip install deepspeed; it needs a CUDA toolchain)")
         if cfg.trainer.enable_progress_bar is False and cfg.trainer.callbacks:
             # the default config adds a progress bar; switching bars off must not be an error
             kept = [c for c in cfg.trainer.callbacks if "ProgressBar" not in str(c.get("class_path", ""))]
@@ -329,6 +348,9 @@ class TuneforgeCLI(LightningCLI):
                 fill(args, "save_dir", str(self.run_dir))
                 if not args.get("name"):
                     fill(args, "name", run_name)
+                if resume.get("wandb_id") and not args.get("id"):  # continue the same W&B run
+                    fill(args, "id", resume["wandb_id"])
+                    fill(logger, "dict_kwargs", {**(logger.get("dict_kwargs") or {}), "resume": "allow"})
             elif name in ("CSVLogger", "TensorBoardLogger"):
                 fill(args, "save_dir", str(self.run_dir))
                 if args.get("name") in (None, "lightning_logs") and args.get("version") is None:
@@ -336,9 +358,37 @@ class TuneforgeCLI(LightningCLI):
                     fill(args, "version", "csv" if name == "CSVLogger" else "tensorboard")
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "filled": filled}
 
+    def _resume_point(self, cfg: Any, run_name: str) -> dict[str, Any]:
+        """For ``fit --ckpt_path``: the run directory and W&B run id the checkpoint belongs to.
+
+        ``--ckpt_path last`` means the newest checkpoint of the newest run named ``run_name``. A SLURM job
+        that was requeued finds its own run directory (named after the job id) and Lightning's HPC checkpoint.
+        """
+        ckpt = cfg.ckpt_path
+        if ckpt == "last":
+            runs = Path(cfg.output_dir) / run_name
+            found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) or \
+                sorted(runs.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise ConfigError(f"ckpt_path: 'last' found no checkpoint of a run named '{run_name}' under {runs}")
+            ckpt = cfg.ckpt_path = str(found[-1])
+            rank_zero_info(f"Resuming from {ckpt}")
+        elif ckpt is None and os.environ.get("SLURM_JOB_ID"):
+            hpc = sorted(make_run_dir(cfg.output_dir, run_name, "fit").glob("hpc_ckpt_*.ckpt"))
+            ckpt = str(hpc[-1]) if hpc else None
+        if not ckpt or not Path(ckpt).is_file():
+            return {}
+        try:
+            meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("tuneforge") or {}
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise ConfigError(f"ckpt_path: cannot read checkpoint {ckpt}: {str(e).splitlines()[0][:200]}") from None
+        run_dir = meta.get("run_dir")
+        return {"run_dir": run_dir if run_dir and Path(run_dir).is_dir() else None, "wandb_id": meta.get("wandb_id")}
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        callbacks.append(RunMetadata(str(self.run_dir)))
         if config.get("enable_checkpointing") is False:  # the checkpoint section adds one unless switched off
             callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
         return self._instantiate_trainer(config, callbacks)
@@ -383,12 +433,14 @@ class TuneforgeCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        wandb_dir = next(iter(sorted((self.run_dir / "wandb").glob("*run-*"))), None) if self.wandb_mode else None
+        wandb_dirs = sorted((self.run_dir / "wandb").glob("*run-*")) if self.wandb_mode else []
+        wandb_dir = wandb_dirs[-1] if wandb_dirs else None  # a resumed run adds one folder per launch
         results = {"run_dir": str(self.run_dir), "wandb_run": str(wandb_dir) if wandb_dir else None, **results}
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         lines = [f"Run directory:   {self.run_dir}"]
         if wandb_dir is not None:
-            sync = f" (offline; upload later with: wandb sync {wandb_dir})" if self.wandb_mode == "offline" else ""
+            target = wandb_dir if len(wandb_dirs) == 1 else self.run_dir / "wandb" / "offline-run-*"
+            sync = f" (offline; upload later with: wandb sync {target})" if self.wandb_mode == "offline" else ""
             lines.append(f"W&B run:         {wandb_dir}{sync}")
         if results.get("best_checkpoint"):
             lines.append(f"Best checkpoint: {results['best_checkpoint']}")

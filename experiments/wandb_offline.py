@@ -76,8 +76,9 @@ def run_file(run_dir: str | Path) -> Path:
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """``{"history": [row, ...], "summary": {...}, "config": {...}, "run_id": str}`` of an offline run."""
+    """History rows, summary, config, run id, and the run's name / group / tags / notes / job type."""
     history, summary, config, run_id = [], {}, {}, None
+    info: dict[str, Any] = {}
     for rec in records(run_file(run_dir)):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
@@ -89,4 +90,6 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "run":
             run_id = rec.run.run_id
             config.update(_items(rec.run.config.update))
-    return {"history": history, "summary": summary, "config": config, "run_id": run_id}
+            info = {"group": rec.run.run_group, "tags": list(rec.run.tags), "notes": rec.run.notes,
+                    "name": rec.run.display_name, "job_type": rec.run.job_type}
+    return {"history": history, "summary": summary, "config": config, "run_id": run_id, **info}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_modules.base import ConfigError
@@ -29,3 +31,17 @@ class BestCheckpoint(ModelCheckpoint):
             logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
             raise ConfigError(f"checkpoint.monitor: '{self.monitor}' is not logged by this task; val metrics: {logged}")
         super().on_validation_end(trainer, pl_module)
+
+
+class RunMetadata(Callback):
+    """Writes the run directory and the W&B run id into every checkpoint, so a resumed run continues both."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        wandb_id = None
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                wandb_id = logger.version
+        checkpoint["tuneforge"] = {"run_dir": self.run_dir, "wandb_id": wandb_id}

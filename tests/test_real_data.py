@@ -59,7 +59,7 @@ def test_sst2_with_command_line_overrides_only(tmp_path: Path) -> None:
         "--data", "datamodules.text_classification.TextClassificationDataModule",
         "--data.train_file", str(sst2 / "train.tsv"),
         "--data.validation_file", str(sst2 / "dev.tsv"),
-        "--data.max_train_samples", "4000",
+        "--data.max_train_samples", "8000",
         "--data.batch_size", "32",
         "--trainer.max_epochs", "1",
         "--checkpoint.monitor", "val/accuracy",
@@ -69,5 +69,5 @@ def test_sst2_with_command_line_overrides_only(tmp_path: Path) -> None:
     ], env={**_clean_home(tmp_path), "WANDB_MODE": "offline"}, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = results(next((tmp_path / "runs" / "sst2").iterdir()))
-    # 4,000 of 67,349 training sentences, one epoch: the full-data number is in the README
+    # 8,000 of 67,349 training sentences, one epoch (250 steps): the full-data number is in the README
     assert res["val/accuracy"] >= 0.80, res
