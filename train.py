@@ -109,6 +109,8 @@ def summarize_parser_error(message: str, argv: list[str], cwd: str = ".") -> str
             unknown = m.group(1) or m.group(2)
         elif m := re.search(r"unrecognized arguments: (.*)", ln):
             return f"unknown option(s) {m.group(1)} (options are never abbreviated; see --help)"
+        elif (m := re.search(r"Expected a typing\.Literal\[(.*)\]", ln)) and expected is None:
+            expected = f"one of {m.group(1)}"
         elif (m := re.search(r"Expected a <class '([^']+)'>", ln)) and m.group(1) != "NoneType" and expected is None:
             expected = m.group(1)
         elif (m := re.search(r"(?:Expected a|Expected an) ([^.<]+?)\.? Got value", ln)) and expected is None:

@@ -91,7 +91,7 @@ class TransformerDataModule(LightningDataModule):
         self.files = {"train": train_file, "validation": validation_file, "test": test_file, "predict": predict_file}
         for split, path in self.files.items():
             if path is not None:
-                check_data_file(path, f"data.{split}_file")
+                self.check_file(path, f"data.{split}_file")
         if max_seq_length < 8:
             raise DataError(f"data.max_seq_length: expected an integer >= 8, got {max_seq_length}")
         for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
@@ -139,6 +139,14 @@ class TransformerDataModule(LightningDataModule):
     def extra_batch_columns(self, split: str) -> dict[str, np.ndarray]:
         """Per-example arrays added to every batch of ``split`` (for example label ids)."""
         return {}
+
+    def check_file(self, path: str, key: str) -> None:
+        """Fail early (while the config is read) when a data file is missing or of a type this task cannot read."""
+        check_data_file(path, key)
+
+    def read_file(self, path: str) -> tuple[list[dict[str, Any]], list[int]]:
+        """Read one local data file into records and the line number where each starts."""
+        return read_records(path)
 
     # ---- tokenizer -----------------------------------------------------------------------------
 
@@ -196,16 +204,22 @@ class TransformerDataModule(LightningDataModule):
 
     def _read_split(self, split: str) -> tuple[list[dict[str, Any]], list[int]]:
         if self.files[split] is not None:
-            return read_records(self.files[split])
+            return self.read_file(self.files[split])
         import datasets
 
         ds = datasets.load_dataset(self.dataset_name, self.dataset_config_name, split=self.hub_splits[split])
         records = ds.to_list()
-        # class-id label columns become their names, so hub and file data share one label vocabulary
+        # class-id label columns (and lists of them, as NER tags) become their names, so hub and file data
+        # share one label vocabulary
         for name, feature in ds.features.items():
             if isinstance(feature, datasets.ClassLabel):
                 for r in records:
                     r[name] = feature.int2str(r[name]) if r[name] is not None and r[name] >= 0 else None
+            elif isinstance(getattr(feature, "feature", None), datasets.ClassLabel):
+                names = feature.feature
+                for r in records:
+                    if r[name] is not None:
+                        r[name] = [names.int2str(v) if v is not None and v >= 0 else None for v in r[name]]
         if not records:
             raise DataError(f"{self._source_name(split)}: the split holds no records")
         return records, list(range(1, len(records) + 1))

@@ -222,13 +222,33 @@ class TransformerModule(LightningModule):
         loss_metric.update(outputs.loss.detach(), weight=n)
         self.update_metrics(metrics, outputs, batch)
         self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=n)
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Compute the stage's metrics once per epoch and log them as ``<stage>/<name>``.
+
+        Computed here rather than logged as Metric objects per step so that a metric may return a dict
+        of numbers from one state (entity F1 per type, SQuAD EM and F1, ROUGE-1/2/L); torchmetrics
+        syncs the states across processes in ``compute``, so every process logs the same values.
+        """
+        _, metrics = self.stage_metrics(stage)
+        if not any(m.update_called for m in metrics.values()):
+            return  # no evaluation batch ran (e.g. an empty split)
+        values = metrics.compute()
+        metrics.reset()
+        self.log_dict({k: v.float() if torch.is_tensor(v) else float(v) for k, v in values.items()},
+                      prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.evaluation_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.evaluation_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
 
     # ---- optimisation --------------------------------------------------------------------------
 
@@ -333,20 +353,29 @@ class TransformerModule(LightningModule):
         by_idx = {r["idx"]: r for r in rows}  # samplers may repeat examples to even out processes
         dm = self.trainer.datamodule
         inputs = dm.datasets["predict"] if dm is not None else None
+        out = []
+        for idx in sorted(by_idx):
+            row = by_idx[idx]
+            if inputs is not None:
+                record = inputs[int(idx)]
+                row = {**{k: record[k] for k in self.prediction_input_fields if record.get(k) is not None}, **row}
+            out.append(row)
+        out = self.finalize_predictions(out)
         path = Path(self.predictions_file or Path(self.trainer.default_root_dir) / "predictions.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".predictions-", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for idx in sorted(by_idx):
-                row = by_idx[idx]
-                if inputs is not None:
-                    record = inputs[int(idx)]
-                    row = {**{k: record[k] for k in self.prediction_input_fields if record.get(k) is not None}, **row}
+            for row in out:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
-        rank_zero_info(f"Wrote {len(by_idx)} predictions to {path}")
+        rank_zero_info(f"Wrote {len(out)} predictions to {path}")
 
     prediction_input_fields: tuple[str, ...] = ()
+
+    def finalize_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows to write, from one row per feature in input order (tasks that split an input into
+        several features merge them here)."""
+        return rows
 
     # ---- export --------------------------------------------------------------------------------
 
