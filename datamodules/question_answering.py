@@ -292,7 +292,9 @@ class QuestionAnsweringDataModule(TransformerDataModule):
                 stride=self.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
                 return_attention_mask=False,
             )
-        except Exception as e:  # the tokenizer refuses when a question leaves no room for the context
+        except BaseException as e:  # the tokenizer refuses (Rust panic) when a question leaves no room for the context
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             longest = int(np.argmax([len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]))
             n = len(tokenizer(questions[longest], add_special_tokens=False)["input_ids"])
             raise DataError(

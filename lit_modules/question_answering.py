@@ -95,15 +95,16 @@ class SquadMetric(Metric):
         self.has_answer.append(torch.tensor([len(g) > 0 for g in gold_answers], dtype=torch.bool, device=self.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if not self.index or not dim_zero_cat(self.index).numel():
+        # list states are lists before a sync and one concatenated tensor after it
+        index, exact, f1, has = (dim_zero_cat(s) if isinstance(s, torch.Tensor) or s else torch.empty(0)
+                                 for s in (self.index, self.exact, self.f1, self.has_answer))
+        if not index.numel():
             return {"exact_match": torch.tensor(0.0), "f1": torch.tensor(0.0)}
-        index = dim_zero_cat(self.index).cpu().numpy()
-        _, first = np.unique(index, return_index=True)
-        keep = torch.as_tensor(first, device=self.device)
-        exact, f1 = dim_zero_cat(self.exact)[keep], dim_zero_cat(self.f1)[keep]
+        _, first = np.unique(index.cpu().numpy(), return_index=True)
+        keep = torch.as_tensor(first, device=index.device)
+        exact, f1, has = exact[keep], f1[keep], has[keep]
         out = {"exact_match": 100 * exact.mean(), "f1": 100 * f1.mean()}
         if self.version_2:
-            has = dim_zero_cat(self.has_answer)[keep]
             for name, subset in (("has_ans", has), ("no_ans", ~has)):
                 if subset.any():
                     out[f"{name}_exact_match"] = 100 * exact[subset].mean()
