@@ -270,7 +270,7 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             raise DataError(f"{where}: '{key}' must be a list of {{text, answer_start}} or "
                             f"{{'text': [...], 'answer_start': [...]}}, got {value!r}")
         for text, start in zip(texts, starts):
-            if not isinstance(text, str) or not text:
+            if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where}: answer text must be a non-empty string, got {text!r}")
             if not isinstance(start, int) or isinstance(start, bool) or start < 0:
                 raise DataError(f"{where}: answer_start must be an integer >= 0, got {start!r}")
@@ -319,8 +319,10 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             answers = batch["answers"][sample]
             span = None
             if answers["text"]:  # labels follow the first answer, as in the SQuAD recipes
-                start_char = answers["answer_start"][0]
-                span = token_span(starts, ends, lo, hi, start_char, start_char + len(answers["text"][0]))
+                # without the answer's outer whitespace (COVID-QA answers end with a space), which no token covers
+                text = answers["text"][0]
+                start_char = answers["answer_start"][0] + len(text) - len(text.lstrip())
+                span = token_span(starts, ends, lo, hi, start_char, answers["answer_start"][0] + len(text.rstrip()))
             first_window = sample != previous
             previous = sample
             out["example_index"].append(batch["example_index"][sample])

@@ -710,23 +710,33 @@ def test_oracle_on_xquad_with_the_minilm_tokenizer(tmp_path: Path) -> None:
     dm = make_dm(tokenizer, tmp_path, validation_file=str(XQUAD), max_seq_length=384, doc_stride=128)
     dm.setup("validate")
     f = dm.qa_features("validation")
-    start, end = oracle_logits(dm, "validation")
-    pred = postprocess_qa(f, np.arange(len(f.example)), start, end)
     dataset = json.loads(XQUAD.read_text())["data"]
-    questions = [qa for a in dataset for p in a["paragraphs"] for qa in p["qas"]]
-    assert len(pred.texts) == len(questions) == 1190
+    assert len(f.ids) == 1190
     later = (window_numbers(f) > 0) & (dm.positions["validation"]["start_positions"] != f.cls_index)
     assert later.sum() >= 5  # answers in second or later windows are found too
+    assert_oracle_exact(dm, dataset, max_answer_length=30, allowed_misses=2)
+
+
+def assert_oracle_exact(dm: QuestionAnsweringDataModule, dataset: list[dict], max_answer_length: int,
+                        allowed_misses: int) -> None:
+    """Oracle logits answer every question exactly, except gold answers that start or end inside a word
+    piece (the labels then cover the whole piece), which are found independently here."""
+    f = dm.qa_features("validation")
+    start, end = oracle_logits(dm, "validation")
+    texts = postprocess_qa(f, np.arange(len(f.example)), start, end, max_answer_length=max_answer_length).texts
+    questions = [qa for a in dataset for p in a["paragraphs"] for qa in p["qas"]]
+    assert [q["id"] for q in questions] == f.ids
+    starts = [a["answer_start"][0] for a in dm.datasets["validation"]["answers"] if a is not None]  # as read (snapped)
     inside_piece = set()
     for q, qa in enumerate(questions):
-        gold = qa["answers"][0]
-        starts, ends = set(f.offset_start[f.example == q].ravel()), set(f.offset_end[f.example == q].ravel())
-        if gold["answer_start"] not in starts or gold["answer_start"] + len(gold["text"]) not in ends:
+        text, begin = f.answers[q][0], starts[q]
+        begin, stop = begin + len(text) - len(text.lstrip()), begin + len(text.rstrip())
+        if begin not in set(f.offset_start[f.example == q].ravel()) or stop not in set(f.offset_end[f.example == q].ravel()):
             inside_piece.add(qa["id"])
-    misses = {qa["id"] for qa, text in zip(questions, pred.texts) if text not in [a["text"] for a in qa["answers"]]}
-    assert misses <= inside_piece and len(inside_piece) <= 2
+    preds = {qa["id"]: t for qa, t in zip(questions, texts)}
+    misses = {qa["id"] for qa in questions if official_v1([{"paragraphs": [{"qas": [qa]}]}], preds)["exact_match"] < 100}
+    assert misses <= inside_piece and len(inside_piece) <= allowed_misses, (len(misses), len(inside_piece))
     aligned = [qa for qa in questions if qa["id"] not in inside_piece]
-    preds = {qa["id"]: t for qa, t in zip(questions, pred.texts)}
     assert official_v1([{"paragraphs": [{"qas": aligned}]}], preds) == {"exact_match": 100.0, "f1": 100.0}
 
 
@@ -760,13 +770,16 @@ def test_covid_qa_off_by_one_offsets_are_counted_and_snapped(tmp_path: Path) -> 
     fixed_starts = [[a["answer_start"] for a in qa["answers"]] for a in fixed for p in a["paragraphs"] for qa in p["qas"]]
     snapped = [a["answer_start"] for a in dm.datasets["validation"]["answers"] if a is not None]
     assert snapped == fixed_starts
-    # long contexts: about 20 windows per question, and the oracle still answers from the right one
+    # long contexts (about 28 windows per question) and long answers (up to 181 tokens): the oracle still
+    # answers from the right window once max_answer_length allows such answers
     f = dm.qa_features("validation")
-    assert len(f.example) > 15 * len(f.ids)
-    start, end = oracle_logits(dm, "validation")
-    texts = postprocess_qa(f, np.arange(len(f.example)), start, end).texts
-    exact = np.mean([t in gold for t, gold in zip(texts, f.answers)])
-    assert exact >= 0.99, exact
+    assert len(f.example) > 20 * len(f.ids)
+    snapped_file = json.loads(published.read_text())["data"]
+    for article in snapped_file:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["id"] = str(qa["id"])
+    assert_oracle_exact(dm, snapped_file, max_answer_length=512, allowed_misses=40)
 
 
 @pytest.mark.real_data
