@@ -71,7 +71,8 @@ def nearest_occurrence(context: str, text: str, start: int) -> Optional[int]:
     return best
 
 
-def token_span(starts: list[int], ends: list[int], lo: int, hi: int, start_char: int, end_char: int) -> Optional[tuple[int, int]]:
+def token_span(starts: list[int], ends: list[int], lo: int, hi: int, start_char: int,
+               end_char: int) -> Optional[tuple[int, int]]:
     """Token positions of the characters ``[start_char, end_char)`` among context tokens ``lo..hi``.
 
     ``starts`` / ``ends`` are the tokens' character offsets; None when the span is not inside the window.
@@ -154,11 +155,13 @@ class QuestionAnsweringDataModule(TransformerDataModule):
     ) -> None:
         super().__init__(max_seq_length=max_seq_length, **kwargs)
         if not 0 <= doc_stride < max_seq_length:
-            raise DataError(f"data.doc_stride: expected an integer in [0, max_seq_length={max_seq_length}), got {doc_stride}")
+            raise DataError(f"data.doc_stride: expected an integer in [0, max_seq_length={max_seq_length}), "
+                            f"got {doc_stride}")
         if misaligned_answers not in ("error", "snap", "drop"):
             raise DataError(f"data.misaligned_answers: expected error, snap or drop, got {misaligned_answers!r}")
         self.doc_stride = doc_stride
-        self.columns = {"id": id_column, "question": question_column, "context": context_column, "answers": answer_column}
+        self.columns = {"id": id_column, "question": question_column, "context": context_column,
+                        "answers": answer_column}
         self.misaligned_answers = misaligned_answers
         self.positions: dict[str, dict[str, np.ndarray]] = {}
         self.has_unanswerable: dict[str, bool] = {}
@@ -179,10 +182,12 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             return flatten_squad(records, self._source_name(split))
         return records, lines
 
-    def canonical_columns(self, records: list[dict[str, Any]], lines: list[int], split: str, source: str) -> dict[str, list]:
+    def canonical_columns(self, records: list[dict[str, Any]], lines: list[int], split: str,
+                          source: str) -> dict[str, list]:
         tokenizer = self._get_tokenizer()
         if not getattr(tokenizer, "is_fast", False):
-            raise DataError(f"question answering needs a fast tokenizer (offset mappings); {type(tokenizer).__name__} is not one")
+            raise DataError(f"question answering needs a fast tokenizer (offset mappings); "
+                            f"{type(tokenizer).__name__} is not one")
         self._encode_source = source
         col = self.columns
         with_answers = split != "predict"
@@ -213,8 +218,9 @@ class QuestionAnsweringDataModule(TransformerDataModule):
                     if self.misaligned_answers == "snap":
                         moved = nearest_occurrence(context, text, start)
                         if moved is None:
-                            raise DataError(f"{where}: answer text {text!r} does not occur in the context, so answer_start "
-                                            f"{start} cannot be snapped (fix the record or set data.misaligned_answers: drop)")
+                            raise DataError(f"{where}: answer text {text!r} does not occur in the context, so "
+                                            f"answer_start {start} cannot be snapped (fix the record or set "
+                                            "data.misaligned_answers: drop)")
                         shifts.append(abs(moved - start))
                         start = moved
                 kept_texts.append(text)
@@ -228,15 +234,16 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             out["answers"].append({"text": kept_texts, "answer_start": kept_starts})
             out["line"].append(line)
         if misaligned:
-            counted = f"{len(misaligned)} of {n_answers} answers in {source} have an answer_start that does not point at their text"
+            counted = (f"{len(misaligned)} of {n_answers} answers in {source} have an answer_start that does not "
+                       "point at their text")
             if self.misaligned_answers == "error":
                 raise DataError(f"{misaligned[0]}; {counted} (set data.misaligned_answers to snap or drop)")
             if self.misaligned_answers == "snap":
-                rank_zero_warn(f"{counted}; snapped each to the nearest occurrence of the text "
-                               f"(shift: median {int(np.median(shifts))}, largest {max(shifts)} characters); first: {misaligned[0]}")
+                rank_zero_warn(f"{counted}; snapped each to the nearest occurrence of the text (shift: median "
+                               f"{int(np.median(shifts))}, largest {max(shifts)} characters); first: {misaligned[0]}")
             else:
-                rank_zero_warn(f"{counted}; dropped them ({dropped_questions} question(s) left without an answer dropped "
-                               f"too); first: {misaligned[0]}")
+                rank_zero_warn(f"{counted}; dropped them ({dropped_questions} question(s) left without an answer "
+                               f"dropped too); first: {misaligned[0]}")
         if not out["id"]:
             raise DataError(f"{source}: no questions left after dropping misaligned answers")
         out["example_index"] = list(range(len(out["id"])))
@@ -248,7 +255,8 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             raise DataError(f"{where}: record has no '{key}' field")
         value = rec[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise DataError(f"{where}: '{key}' must be a {'string' if kind is str else 'string or integer'}, got {value!r}")
+            expected = "string" if kind is str else "string or integer"
+            raise DataError(f"{where}: '{key}' must be a {expected}, got {value!r}")
         if isinstance(value, str) and not value.strip():
             raise DataError(f"{where}: empty {what or repr(key)}")
         return value
@@ -261,10 +269,12 @@ class QuestionAnsweringDataModule(TransformerDataModule):
         if isinstance(value, dict) and "text" in value and "answer_start" in value:  # hub / HF layout
             texts, starts = value["text"], value["answer_start"]
             if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-                raise DataError(f"{where}: '{key}' must hold equally long 'text' and 'answer_start' lists, got {value!r}")
+                raise DataError(f"{where}: '{key}' must hold equally long 'text' and 'answer_start' lists, "
+                                f"got {value!r}")
         elif isinstance(value, list):  # SQuAD layout: a list of {"text", "answer_start"}
             if not all(isinstance(a, dict) and "text" in a and "answer_start" in a for a in value):
-                raise DataError(f"{where}: each of '{key}' must be an object with 'text' and 'answer_start', got {value!r}")
+                raise DataError(f"{where}: each of '{key}' must be an object with 'text' and 'answer_start', "
+                                f"got {value!r}")
             texts, starts = [a["text"] for a in value], [a["answer_start"] for a in value]
         else:
             raise DataError(f"{where}: '{key}' must be a list of {{text, answer_start}} or "
@@ -298,8 +308,8 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             longest = int(np.argmax([len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]))
             n = len(tokenizer(questions[longest], add_special_tokens=False)["input_ids"])
             raise DataError(
-                f"{self._encode_source}:{batch['line'][longest]}: question of {n} tokens leaves too little room for the "
-                f"context in max_seq_length={self.max_seq_length} with doc_stride={self.doc_stride} "
+                f"{self._encode_source}:{batch['line'][longest]}: question of {n} tokens leaves too little room for "
+                f"the context in max_seq_length={self.max_seq_length} with doc_stride={self.doc_stride} "
                 f"(raise data.max_seq_length or lower data.doc_stride; tokenizer: {str(e).splitlines()[0]})"
             ) from None
         context_seq = 1 if question_first else 0

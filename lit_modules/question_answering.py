@@ -189,7 +189,8 @@ def postprocess_qa(
     cand_score, cand_feat, cand_s, cand_e = cand_score[ok], cand_feat[ok], cand_s[ok], cand_e[ok]
     cand_ex = example[cand_feat]
     order = np.lexsort((-cand_score, cand_ex))
-    cand_score, cand_feat, cand_s, cand_e, cand_ex = (a[order] for a in (cand_score, cand_feat, cand_s, cand_e, cand_ex))
+    cand_score, cand_feat, cand_s, cand_e, cand_ex = (
+        a[order] for a in (cand_score, cand_feat, cand_s, cand_e, cand_ex))
     group_ex, group_start = np.unique(cand_ex, return_index=True)
     rank = np.arange(len(cand_ex)) - np.repeat(group_start, np.diff(np.append(group_start, len(cand_ex))))
     top = rank < n_best_size
@@ -247,6 +248,8 @@ def _n_best_lists(features: QAFeatures, questions: np.ndarray, ex: np.ndarray, f
 
 # ---- the module --------------------------------------------------------------------------------
 
+EVALUATION_OPTIONS = ("n_best_size", "max_answer_length", "null_score_diff_threshold")
+
 class QuestionAnsweringModule(TransformerModule):
     """Extractive QA (``AutoModelForQuestionAnswering``), evaluated with the official SQuAD EM / F1.
 
@@ -257,6 +260,7 @@ class QuestionAnsweringModule(TransformerModule):
         n_best_size: start and end tokens considered per window, and candidate answers kept per question.
         max_answer_length: longest answer, in tokens.
         null_score_diff_threshold: v2.0: answer "" when the no-answer score beats the best span by more.
+            These three are read from the config (also with ``--ckpt_path``), never from the checkpoint.
         **kwargs: the shared options of :class:`~lit_modules.base.TransformerModule`.
 
     Logs ``val/exact_match``, ``val/f1`` (v2.0 also ``val/has_ans_*``, ``val/no_ans_*``) and ``val/loss``,
@@ -290,6 +294,10 @@ class QuestionAnsweringModule(TransformerModule):
         if self.version_2_with_negative is None:
             self.version_2_with_negative = flags["train"] if "train" in flags else any(flags.values())
         self.save_hyperparameters({**self.hparams, "version_2_with_negative": self.version_2_with_negative})
+        # How answers are read off the logits is an evaluation choice: keep it out of the checkpoint, whose
+        # hyperparameters LightningCLI would otherwise put over the command line of `test` / `predict`.
+        for key in EVALUATION_OPTIONS:
+            self.hparams.pop(key, None)
 
     def build_model(self) -> Any:
         from transformers import AutoModelForQuestionAnswering
@@ -326,7 +334,8 @@ class QuestionAnsweringModule(TransformerModule):
         if parts:
             idx, lengths, start, end = (torch.cat(column) for column in zip(*parts))
         else:
-            idx, lengths, start, end = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0)
+            idx, lengths = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+            start, end = torch.empty(0), torch.empty(0)
         if self.trainer is not None and self.trainer.world_size > 1:
             from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -347,7 +356,8 @@ class QuestionAnsweringModule(TransformerModule):
         return rows, out[0], out[1]
 
     def _postprocess(self, split: str, rows: np.ndarray, start: np.ndarray, end: np.ndarray,
-                     examples: Optional[np.ndarray] = None, with_n_best: bool = False) -> tuple[QAFeatures, QAPredictions]:
+                     examples: Optional[np.ndarray] = None,
+                     with_n_best: bool = False) -> tuple[QAFeatures, QAPredictions]:
         features = self.trainer.datamodule.qa_features(split)
         return features, postprocess_qa(
             features, rows, start, end, n_best_size=self.n_best_size, max_answer_length=self.max_answer_length,
@@ -416,7 +426,8 @@ class QuestionAnsweringModule(TransformerModule):
             row["n_best"] = n_best
             rows.append(row)
         _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        _write_atomic(official, json.dumps({r["id"]: r["prediction_text"] for r in rows}, ensure_ascii=False, indent=1) + "\n")
+        answers = {r["id"]: r["prediction_text"] for r in rows}
+        _write_atomic(official, json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
         rank_zero_info(f"Wrote {len(rows)} answers to {official} (n-best lists with scores: {path})")
 
 
