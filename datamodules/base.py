@@ -64,6 +64,8 @@ class TransformerDataModule(LightningDataModule):
     task_name = "base"
     # columns the model consumes, and the value each list-valued one is padded with (None: the tokenizer's pad id)
     model_input_pad: dict[str, int | None] = {"input_ids": None, "token_type_ids": 0}
+    # per-example token positions among the extra batch columns (QA span labels): shifted when padding on the left
+    position_columns: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -268,7 +270,7 @@ class TransformerDataModule(LightningDataModule):
         if limit is not None:
             records, lines = records[:limit], lines[:limit]
         columns = self.canonical_columns(records, lines, split, self._source_name(split))
-        columns["line"] = lines
+        columns.setdefault("line", lines)  # a task that drops or splits records returns its own line column
         ds = datasets.Dataset.from_dict(columns)
         path.parent.mkdir(parents=True, exist_ok=True)
         features = ds.map(
@@ -326,7 +328,7 @@ class TransformerDataModule(LightningDataModule):
         tokenizer = self._get_tokenizer()
         pad = {k: (tokenizer.pad_token_id if v is None else v) for k, v in self.model_input_pad.items()}
         features = BatchFetcher(self.datasets[split], pad, self.extra_batch_columns(split))
-        collate = Collator(pad, tokenizer.padding_side, self.pad_to_multiple_of)
+        collate = Collator(pad, tokenizer.padding_side, self.pad_to_multiple_of, self.position_columns)
         return DataLoader(
             features,
             batch_size=batch_size,
@@ -359,12 +361,17 @@ class BatchFetcher(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads a columnar batch to its longest row (dynamic padding) and builds the attention mask."""
+    """Pads a columnar batch to its longest row (dynamic padding) and builds the attention mask.
 
-    def __init__(self, pad: dict[str, int], padding_side: str = "right", pad_to_multiple_of: int | None = None) -> None:
+    ``position_columns`` hold one token position per row; left padding shifts them with the tokens.
+    """
+
+    def __init__(self, pad: dict[str, int], padding_side: str = "right", pad_to_multiple_of: int | None = None,
+                 position_columns: tuple[str, ...] = ()) -> None:
         self.pad = pad
         self.left = padding_side == "left"
         self.multiple = pad_to_multiple_of
+        self.position_columns = position_columns
 
     def __call__(self, batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if isinstance(batch, list):  # DataLoader with batch_size=None or a sampler yielding single items
@@ -381,6 +388,8 @@ class Collator:
                 out[name] = torch.from_numpy(rows)
             else:
                 out[name] = torch.tensor(rows)
+            if self.left and name in self.position_columns:
+                out[name] = out[name] + torch.from_numpy(width - lengths)
         positions = np.arange(width)[None, :]
         mask = positions >= (width - lengths)[:, None] if self.left else positions < lengths[:, None]
         out["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
