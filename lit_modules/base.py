@@ -135,7 +135,10 @@ class TransformerModule(LightningModule):
     def load_tokenizer(self, name_or_path: str, key: str = "model.tokenizer_name_or_path") -> Any:
         from transformers import AutoTokenizer
 
-        return load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code)
+        # a GGUF file holds the tokenizer too: read it from the same file as the model
+        extra = {"gguf_file": self.model_kwargs["gguf_file"]} if (
+            "gguf_file" in self.model_kwargs and name_or_path == self.model_name_or_path) else {}
+        return load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code, **extra)
 
     def from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
         """Load ``model_name_or_path`` with ``auto_class``, the configured kwargs and ``trust_remote_code``."""
