@@ -187,14 +187,16 @@ class Seq2SeqDataModule(TransformerDataModule):
         targets = batch.get("target")
         if self._decoder_only():
             return self._encode_decoder_only(tok, sources, targets)
-        full = tok(sources, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        # untruncated lengths, only to count truncation (verbose=False: no warning about the model's maximum)
+        full = tok(sources, return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
         out: dict[str, list] = {
             "input_ids": tok(sources, truncation=True, max_length=self.max_source_length, return_attention_mask=False,
                              return_token_type_ids=False)["input_ids"],
             "source_truncated": [len(ids) > self.max_source_length for ids in full],
         }
         if targets is not None:
-            full = tok(text_target=targets, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            full = tok(text_target=targets, return_attention_mask=False, return_token_type_ids=False,
+                       verbose=False)["input_ids"]
             out["labels"] = tok(text_target=targets, truncation=True, max_length=self.max_target_length,
                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
             out["target_truncated"] = [len(ids) > self.max_target_length for ids in full]
@@ -205,7 +207,8 @@ class Seq2SeqDataModule(TransformerDataModule):
         if tok.eos_token_id is None:
             raise DataError("the tokenizer has no end-of-sequence token; a decoder-only model needs one to stop")
         head, _, tail = (self.prompt_template or DEFAULT_PROMPT).partition("{source}")
-        plain = {"add_special_tokens": False, "return_attention_mask": False, "return_token_type_ids": False}
+        plain = {"add_special_tokens": False, "return_attention_mask": False, "return_token_type_ids": False,
+                 "verbose": False}
         # the tokens the tokenizer puts before a text (Llama's <s>); those after it are replaced by eos
         marked, bare = tok("a", return_attention_mask=False)["input_ids"], tok("a", **plain)["input_ids"]
         lead = marked[: next((i for i in range(len(marked)) if marked[i:i + len(bare)] == bare), 0)]

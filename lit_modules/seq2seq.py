@@ -115,6 +115,11 @@ class Seq2SeqModule(TransformerModule):
         if min_new_tokens > max_new_tokens:
             raise ConfigError(f"model.min_new_tokens: {min_new_tokens} is more than model.max_new_tokens={max_new_tokens}")
         check_sentence_splitter(sentence_splitter, "model.sentence_splitter")
+        from transformers import GenerationConfig
+
+        unknown = sorted(set(generation_kwargs or {}) - set(GenerationConfig().to_dict()))
+        if unknown:
+            raise ConfigError(f"model.generation_kwargs: {', '.join(unknown)} is not a GenerationConfig field")
         self.generation_settings = {
             "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens or None,
             "no_repeat_ngram_size": no_repeat_ngram_size or None,
@@ -156,12 +161,16 @@ class Seq2SeqModule(TransformerModule):
                 tok.pad_token = tok.eos_token  # padding is masked (inputs) or ignored (labels): any id will do
             # what batched generation needs (training passes position ids instead); init_kwargs is what gets saved
             tok.padding_side = tok.init_kwargs["padding_side"] = "left"
-        elif self.architecture == "encoder_decoder":
-            start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-            end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-            if start is None or end is None or tok.pad_token_id is None:
-                raise ConfigError("model.model_name_or_path: warm-starting an encoder-decoder needs a tokenizer with "
-                                  "start (CLS or BOS), end (SEP or EOS) and padding tokens")
+        elif self.architecture == "encoder_decoder" and None in self._encoder_decoder_tokens():
+            raise ConfigError("model.model_name_or_path: warm-starting an encoder-decoder needs a tokenizer with "
+                              "start (CLS or BOS), end (SEP or EOS) and padding tokens")
+
+    def _encoder_decoder_tokens(self) -> tuple[int | None, int | None, int | None]:
+        """Decoder start, end and padding ids of a warm-started encoder-decoder: BERT's [CLS] / [SEP] / [PAD]."""
+        tok = self.tokenizer
+        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        return start, end, tok.pad_token_id
 
     # ---- model ---------------------------------------------------------------------------------
 
@@ -207,11 +216,8 @@ class Seq2SeqModule(TransformerModule):
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.model_name_or_path: cannot warm-start an encoder-decoder from '{encoder}' and "
                               f"'{decoder}': {reason}") from None
-        tok = self.tokenizer
-        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         for cfg in (model.config, model.generation_config):
-            cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tok.pad_token_id
+            cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = self._encoder_decoder_tokens()
         model.config.vocab_size = model.config.decoder.vocab_size
         return model
 

@@ -92,7 +92,7 @@ class _PerExampleMetric(Metric):
 
     def unique_rows(self) -> Tensor:
         """All rows, the first one of each example index (in index order)."""
-        if not self.idx:
+        if len(self.idx) == 0:  # a list before synchronisation, one tensor after it
             return torch.zeros(0, 0, dtype=torch.float64, device=self.device)
         idx, rows = dim_zero_cat(self.idx), dim_zero_cat(self.rows)
         unique, inverse = torch.unique(idx, return_inverse=True)

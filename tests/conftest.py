@@ -45,7 +45,8 @@ def build_tiny_bert(directory: Path, words: list[str], **config: Any) -> Path:
     vocab = specials + sorted(set(words)) + chars + [f"##{c}" for c in chars]
     vocab = list(dict.fromkeys(vocab))
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as `vocab` (a `vocab_file` argument is ignored: every word became [UNK])
+    tokenizer = BertTokenizer(vocab=str(directory / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(directory)
     cfg = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

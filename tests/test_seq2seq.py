@@ -401,6 +401,7 @@ def test_decoder_only_tokenizer_gets_padding_and_left_side(tiny_llama: Path) -> 
     ({"generate_every_n_epochs": 0}, "model.generate_every_n_epochs: expected an integer >= 1"),
     ({"decoder_name_or_path": "x"}, "model.decoder_name_or_path: only used with architecture encoder_decoder, not seq2seq"),
     ({"sentence_splitter": "spacy"}, "model.sentence_splitter: expected 'rules' or 'punkt'"),
+    ({"generation_kwargs": {"beam_size": 4}}, "model.generation_kwargs: beam_size is not a GenerationConfig field"),
 ])
 def test_bad_model_options(tiny_t5: Path, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -476,12 +477,19 @@ def write_experiment(path: Path, model_dir: Path, data: Path, model: dict[str, A
     return path
 
 
-def test_train_fit_test_predict_and_export_t5(tiny_t5: Path, copy_data: Path, tmp_path: Path) -> None:
-    exp = write_experiment(tmp_path / "t5.yaml", tiny_t5, copy_data, model={"num_beams": 2, "no_repeat_ngram_size": 2},
+@pytest.fixture(scope="module")
+def t5_run(tiny_t5: Path, copy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One train.py fit of the tiny T5 (beam search, a source prefix); later tests reuse its checkpoint."""
+    tmp = tmp_path_factory.mktemp("t5_run")
+    exp = write_experiment(tmp / "t5.yaml", tiny_t5, copy_data, model={"num_beams": 2, "no_repeat_ngram_size": 2},
                            data_args={"source_prefix": "summarize: "})
-    code, run_dir = run_train(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
+    code, run_dir = run_train(["fit", "--config", str(exp), "--output_dir", str(tmp / "runs")])
     assert code == 0
-    res = results(run_dir)
+    return {"exp": exp, "run_dir": run_dir, "tmp": tmp, "res": results(run_dir)}
+
+
+def test_train_fit_test_predict_and_export_t5(t5_run: dict[str, Any], copy_data: Path, tmp_path: Path) -> None:
+    res, run_dir, exp = t5_run["res"], t5_run["run_dir"], t5_run["exp"]
     assert set(res["test"]) == {"test/loss", "test/rouge1", "test/rouge2", "test/rougeL", "test/rougeLsum", "test/bleu",
                                 "test/gen_len"}
     assert 0.0 <= res["val/rouge1"] <= 1.0 and 1.0 <= res["test"]["test/gen_len"] <= 6.0
@@ -514,6 +522,22 @@ def test_train_fit_test_predict_and_export_t5(tiny_t5: Path, copy_data: Path, tm
     enc = tok([prefix + r["document"] for r in inputs], return_tensors="pt", padding=True)
     out = tok.batch_decode(model.generate(**enc), skip_special_tokens=True)
     assert [t.strip() for t in out] == [r["prediction"] for r in rows]
+
+
+def test_metrics_under_two_processes_equal_one_process(t5_run: dict[str, Any], tmp_path: Path) -> None:
+    """DDP on CPU (gloo): 23 test examples over 2 processes, the sampler repeats one; the metrics are unchanged."""
+    from tests.conftest import run_train_subprocess
+
+    args = ["test", "--config", str(t5_run["exp"]), "--ckpt_path", t5_run["res"]["best_checkpoint"],
+            "--data.max_eval_samples", "23", "--data.eval_batch_size", "5", "--trainer.accelerator", "cpu"]
+    code, single_dir = run_train([*args, "--output_dir", str(tmp_path / "one")])
+    assert code == 0
+    proc = run_train_subprocess([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                 "--output_dir", str(tmp_path / "two")], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = results(single_dir)["test"], results(next((tmp_path / "two" / "t5").iterdir()))["test"]
+    for key in ("test/rouge1", "test/rouge2", "test/rougeL", "test/rougeLsum", "test/bleu", "test/gen_len"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
 
 
 def test_train_decoder_only_export_loads_in_a_text_generation_pipeline(tiny_llama: Path, copy_data: Path,
