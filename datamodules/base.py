@@ -377,13 +377,13 @@ class Collator:
         if isinstance(batch, list):  # DataLoader with batch_size=None or a sampler yielding single items
             batch = batch[0]
         lengths = np.fromiter((len(x) for x in batch["input_ids"]), dtype=np.int64)
-        width = int(lengths.max())
-        if self.multiple:
-            width = -(-width // self.multiple) * self.multiple
+        width = self._width(int(lengths.max()))
         out: dict[str, torch.Tensor] = {}
         for name, rows in batch.items():
             if name in self.pad:
-                out[name] = torch.from_numpy(self._pad_rows(rows, width, self.pad[name]))
+                # each column to its own longest row: seq2seq labels may be longer or shorter than the inputs
+                own = width if name == "input_ids" else self._width(max(len(x) for x in rows))
+                out[name] = torch.from_numpy(self._pad_rows(rows, own, self.pad[name]))
             elif isinstance(rows, np.ndarray):
                 out[name] = torch.from_numpy(rows)
             else:
@@ -394,6 +394,9 @@ class Collator:
         mask = positions >= (width - lengths)[:, None] if self.left else positions < lengths[:, None]
         out["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
         return out
+
+    def _width(self, longest: int) -> int:
+        return -(-longest // self.multiple) * self.multiple if self.multiple else longest
 
     def _pad_rows(self, rows: list[list[int]], width: int, value: int) -> np.ndarray:
         arr = np.full((len(rows), width), value, dtype=np.int64)
