@@ -268,6 +268,8 @@ class QuestionAnsweringModule(TransformerModule):
     n-best list with scores and probabilities) and the official ``predictions.json`` (``{id: answer}``).
     """
 
+    peft_task_type = "QUESTION_ANS"
+
     def __init__(
         self,
         version_2_with_negative: Optional[bool] = None,

@@ -171,6 +171,7 @@ class TokenClassificationModule(TransformerModule):
     """
 
     prediction_input_fields = ("tokens",)
+    peft_task_type = "TOKEN_CLS"
 
     def __init__(self, labels: Optional[list[str]] = None, metric_mode: MetricMode = "default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -183,8 +184,8 @@ class TokenClassificationModule(TransformerModule):
         self.labels = labels
         self.metric_mode = metric_mode
 
-    def load_tokenizer(self, name_or_path: str, key: str = "model.tokenizer_name_or_path") -> Any:
-        tokenizer = super().load_tokenizer(name_or_path, key)
+    def load_tokenizer(self, name_or_path: str, key: str = "model.tokenizer_name_or_path", **kwargs: Any) -> Any:
+        tokenizer = super().load_tokenizer(name_or_path, key, **kwargs)
         pre_tokenizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
         if "ByteLevel(add_prefix_space=False" in repr(pre_tokenizer):
             # byte-level BPE (RoBERTa, GPT-2): pre-split words must get the leading space they have inside a
@@ -192,7 +193,7 @@ class TokenClassificationModule(TransformerModule):
             from transformers import AutoTokenizer
 
             tokenizer = load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code,
-                                        add_prefix_space=True)
+                                        add_prefix_space=True, **kwargs)
         return tokenizer
 
     def setup(self, stage: str) -> None:

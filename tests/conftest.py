@@ -166,3 +166,26 @@ def run_train_subprocess(args: list[str], env: dict[str, str] | None = None, tim
 
 def results(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "results.json").read_text())
+
+
+def fit_with_lora_and_test_again(exp: Path, tmp_path: Path, head: str | None, metric: str,
+                                 extra: list[str] = ()) -> dict[str, Any]:
+    """Fit ``exp`` with configs/peft/lora.yaml, check the checkpoint holds only adapters (and ``head``),
+    then test from that checkpoint and check it scores what the fit's own test did."""
+    import torch
+
+    lora = str(ROOT / "configs" / "peft" / "lora.yaml")
+    code, run_dir = run_train(["fit", "--config", str(exp), "--config", lora, *extra,
+                               "--output_dir", str(tmp_path / "runs"), "--run_name", "lora"])
+    assert code == 0
+    res = results(run_dir)
+    state = torch.load(res["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    adapters = [k for k in state if "lora_" in k]
+    assert adapters, sorted(state)[:5]
+    others = [k for k in state if "lora_" not in k]
+    assert all(head and head in k for k in others), others[:5]  # nothing of the frozen base is saved
+    code, test_dir = run_train(["test", "--config", str(exp), *extra, "--ckpt_path", res["best_checkpoint"],
+                                "--output_dir", str(tmp_path / "test")])
+    assert code == 0
+    assert results(test_dir)["test"][metric] == pytest.approx(res["test"][metric], abs=1e-6)
+    return res

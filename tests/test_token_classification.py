@@ -31,7 +31,7 @@ from lit_modules.token_classification import (
     entity_scores,
     extract_entities,
 )
-from tests.conftest import SHARED_DATA, build_tiny_bert, results, run_train
+from tests.conftest import SHARED_DATA, build_tiny_bert, fit_with_lora_and_test_again, results, run_train
 
 # ---- a small synthetic NER corpus ------------------------------------------------------------------
 
@@ -746,3 +746,8 @@ def _fit_real(tmp_path: Path, name: str, data: list[str], extra: list[str]) -> d
     ], env={"HOME": str(home), "NETRC": str(home / ".netrc"), "WANDB_MODE": "offline"}, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return results(next((tmp_path / "runs" / name).iterdir()))
+
+
+def test_lora_trains_adapters_and_the_tag_head(ner_run: dict[str, Any], tmp_path: Path) -> None:
+    fit_with_lora_and_test_again(ner_run["exp"], tmp_path, head="classifier", metric="test/f1",
+                                 extra=["--trainer.max_epochs", "1"])
