@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lit_modules.base import ConfigError
@@ -27,6 +28,11 @@ class PromptClassificationModule(TextClassificationModule):
             space for BPE tokenizers (" great"); WordPiece tokenizers ignore it. A masked LM needs
             every word to be one token; a causal LM accepts multi-token words.
         lm_type: ``masked`` or ``causal``; ``null`` picks masked when the tokenizer has a mask token.
+        calibrate: contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): at evaluation the
+            class probabilities are divided by those the model gives content-free inputs rendered
+            into the same template, which removes the label words' prior (majority-label and
+            surface-form bias). Recomputed at the start of every evaluation, so it follows training.
+        content_free_inputs: the texts that estimate that prior (their class probabilities are averaged).
         **kwargs: the options of :class:`~lit_modules.base.TransformerModule` (``peft`` included).
     """
 
@@ -34,6 +40,8 @@ class PromptClassificationModule(TextClassificationModule):
         self,
         verbalizer: dict[str, Union[str, list[str]]],
         lm_type: Optional[Literal["masked", "causal"]] = None,
+        calibrate: bool = False,
+        content_free_inputs: Optional[list[str]] = None,
         **kwargs: Any,
     ) -> None:
         if not verbalizer or len(verbalizer) < 2:
@@ -48,6 +56,11 @@ class PromptClassificationModule(TextClassificationModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.verbalizer = {str(k): [v] if isinstance(v, str) else list(v) for k, v in verbalizer.items()}
         self.word_ids = self._word_ids()
+        self.calibrate = calibrate
+        self.content_free_inputs = list(content_free_inputs) if content_free_inputs is not None else ["N/A", ""]
+        if calibrate and not self.content_free_inputs:
+            raise ConfigError("model.content_free_inputs: calibration needs at least one content-free text")
+        self.log_prior: Optional[torch.Tensor] = None  # [classes], set at the start of each evaluation
 
     @property
     def peft_task_type(self) -> Optional[str]:  # type: ignore[override]
@@ -83,8 +96,47 @@ class PromptClassificationModule(TextClassificationModule):
                 **_: Any) -> SequenceClassifierOutput:
         scores = self._masked_scores(input_ids, attention_mask) if self.lm_type == "masked" else \
             self._causal_scores(input_ids, attention_mask)
+        if self.calibrate and not self.training and self.log_prior is not None:
+            scores = scores.log_softmax(-1) - self.log_prior.to(scores.device)
         loss = torch.nn.functional.cross_entropy(scores, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=scores)
+
+    @torch.no_grad()
+    def content_free_prior(self) -> torch.Tensor:
+        """Log of the mean class probabilities for the content-free inputs rendered into the template."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "encode"):
+            raise ConfigError("model.calibrate: needs the prompt data module, which renders the template")
+        n = len(self.content_free_inputs)
+        encoded = datamodule.encode({"text": self.content_free_inputs, "text_pair": [None] * n})
+        saved, self.log_prior = self.log_prior, None
+        try:
+            probs = []
+            for ids in encoded["input_ids"]:  # one at a time: no padding to get right
+                input_ids = torch.tensor([ids], device=self.device)
+                scores = self(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+                probs.append(scores.float().softmax(-1)[0])
+        finally:
+            self.log_prior = saved
+        return torch.stack(probs).mean(0).log()
+
+    def _start_evaluation(self) -> None:
+        if self.calibrate:
+            self.log_prior = self.content_free_prior()
+            prior = ", ".join(f"{label}={p:.3f}" for label, p in zip(self.labels, self.log_prior.exp().tolist()))
+            rank_zero_info(f"Contextual calibration: class prior on content-free inputs {prior}")
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._start_evaluation()
+
+    def on_predict_epoch_start(self) -> None:
+        super().on_predict_epoch_start()
+        self._start_evaluation()
 
     @staticmethod
     def _aligned(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

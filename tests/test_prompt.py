@@ -145,3 +145,32 @@ def test_mask_template_needs_a_mask_token(tiny_llama: Path, tmp_path: Path, caps
     code, _ = run_train(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
     assert code == 2
     assert "data.template: has {mask} but the tokenizer" in capsys.readouterr().err
+
+
+def test_contextual_calibration_divides_by_the_content_free_prior(tiny_llama: Path, tmp_path: Path) -> None:
+    """Calibrated class probabilities are the raw ones divided by the content-free prior (renormalised), so
+    the ratio calibrated/raw between two classes is one constant for every row, and the content-free
+    input itself scores uniform after calibration."""
+    exp = prompt_experiment(tmp_path / "zs.yaml", tiny_llama, "Review: {text}\nSentiment:",
+                            predict_file=str(SENTIMENT / "test.jsonl"))
+    rows = {}
+    for calibrate in ("false", "true"):
+        code, pred_dir = run_train(["predict", "--config", str(exp), "--model.calibrate", calibrate,
+                                    "--model.content_free_inputs", '["N/A"]', "--output_dir", str(tmp_path / calibrate)])
+        assert code == 0
+        rows[calibrate] = [json.loads(x)["scores"] for x in (pred_dir / "predictions.jsonl").read_text().splitlines()]
+    ratios = [(c["negative"] / r["negative"]) / (c["positive"] / r["positive"]) for r, c in zip(rows["false"], rows["true"])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-4)
+    assert ratios[0] != pytest.approx(1.0, abs=1e-3)  # the tiny model's prior is not uniform: calibration changed something
+
+    model = PromptClassificationModule(model_name_or_path=str(tiny_llama), verbalizer=VERBALIZER, calibrate=True,
+                                       content_free_inputs=["N/A"])
+    model.configure_model()
+    model.eval()
+    dm = PromptClassificationDataModule(template="Review: {text}\nSentiment:", max_seq_length=48)
+    dm.attach_tokenizer(model.tokenizer)
+    ids = torch.tensor(dm.encode({"text": ["N/A"], "text_pair": [None]})["input_ids"])
+    raw = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.softmax(-1)[0]
+    model.log_prior = raw.log()
+    calibrated = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.softmax(-1)[0]
+    assert calibrated.tolist() == pytest.approx([0.5, 0.5], abs=1e-5)

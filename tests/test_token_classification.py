@@ -751,3 +751,33 @@ def _fit_real(tmp_path: Path, name: str, data: list[str], extra: list[str]) -> d
 def test_lora_trains_adapters_and_the_tag_head(ner_run: dict[str, Any], tmp_path: Path) -> None:
     fit_with_lora_and_test_again(ner_run["exp"], tmp_path, head="classifier", metric="test/f1",
                                  extra=["--trainer.max_epochs", "1"])
+
+
+@pytest.mark.real_data
+@needs_minilm
+@needs_conll
+def test_minilm_learns_conll_2003_with_command_line_overrides_only(tmp_path: Path) -> None:
+    """fit + test on CoNLL-2003's published IOB1 files (a 4,000-sentence subset, one epoch: a few minutes on
+    2 CPU cores); the full-data numbers are in the README."""
+    res = _fit_real(tmp_path, "conll", [
+        "--data.train_file", str(CONLL / "eng.train"), "--data.validation_file", str(CONLL / "eng.testa"),
+        "--data.test_file", str(CONLL / "eng.testb"), "--data.max_train_samples", "4000",
+        "--data.max_eval_samples", "1000", "--data.batch_size", "16",
+    ], ["--model.learning_rate", "1e-4", "--model.warmup_ratio", "0.1"])
+    print("conll", res["val/f1"], res["test"])
+    assert res["val/f1"] >= 0.60, res
+    assert res["test"]["test/f1"] >= 0.55, res
+    assert {"test/f1_PER", "test/f1_LOC", "test/f1_ORG", "test/f1_MISC"} <= set(res["test"])
+
+
+@pytest.mark.real_data
+@needs_minilm
+@needs_wnut
+def test_minilm_learns_wnut_17_with_command_line_overrides_only(tmp_path: Path) -> None:
+    """WNUT-17 (emerging entities in tweets, IOB2): train on all 3,394 training sentences for one epoch."""
+    res = _fit_real(tmp_path, "wnut", [
+        "--data.train_file", str(WNUT / "wnut17train.conll"), "--data.validation_file", str(WNUT / "emerging.dev.conll"),
+        "--data.test_file", str(WNUT / "emerging.test.annotated"), "--data.batch_size", "16",
+    ], ["--model.learning_rate", "1e-4", "--model.warmup_ratio", "0.1"])
+    print("wnut", res["val/f1"], res["test"])
+    assert res["test"]["test/f1"] >= 0.10, res
