@@ -408,6 +408,10 @@ class TuneforgeCLI(LightningCLI):
         results: dict[str, Any] = {"best_checkpoint": best or None}
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
             results[trainer.checkpoint_callback.monitor] = float(trainer.checkpoint_callback.best_model_score)
+        speed = next((c for c in trainer.callbacks if isinstance(c, RunMetadata)), None)
+        if speed is not None and speed.samples_per_second:
+            results["train_seconds"] = round(speed.train_seconds, 2)
+            results["train_samples_per_second"] = round(speed.samples_per_second, 2)
         if cfg.test_after_fit and isinstance(dm, TransformerDataModule) and dm.has_split("test"):
             metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=True)
             results["test"] = metrics[0] if metrics else {}

@@ -41,6 +41,18 @@ def test_fit_writes_a_complete_run_directory(fitted: dict[str, Path]) -> None:
     assert {"train/loss", "val/loss", "val/accuracy", "val/f1", "val/mcc", "test/accuracy"} <= set(metrics)
 
 
+def test_training_throughput_is_measured(fitted: dict[str, Path]) -> None:
+    """results.json: train examples / training seconds (validation excluded), also logged per epoch."""
+    import csv
+
+    res = results(fitted["run_dir"])
+    n_train = len((SENTIMENT / "train.jsonl").read_text().splitlines())
+    assert res["train_samples_per_second"] == pytest.approx(2 * n_train / res["train_seconds"], rel=0.02)
+    with open(fitted["run_dir"] / "csv" / "metrics.csv") as f:
+        logged = [float(r["train/samples_per_sec"]) for r in csv.DictReader(f) if r.get("train/samples_per_sec")]
+    assert len(logged) == 2 and all(v > 0 for v in logged)
+
+
 def test_export_loads_in_a_pipeline(fitted: dict[str, Path]) -> None:
     from transformers import pipeline
 
