@@ -252,6 +252,23 @@ class TransformerModule(LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------------
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        """Clip by norm also where Lightning refuses to: under FSDP (the norm over all shards needs the
+        wrapped module's own ``clip_grad_norm_``) and with a fused optimizer in bf16 / fp32 (no gradient
+        scaler, so the gradients are already the real ones)."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            wrapped = self.trainer.strategy.model
+            if type(self.trainer.strategy).__name__ == "FSDPStrategy" and hasattr(wrapped, "clip_grad_norm_"):
+                wrapped.clip_grad_norm_(gradient_clip_val)
+                return
+            if getattr(optimizer, "_step_supports_amp_scaling", False) and \
+                    getattr(self.trainer.precision_plugin, "scaler", None) is None:
+                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         from transformers import get_scheduler
 
@@ -266,7 +283,10 @@ class TransformerModule(LightningModule):
         ]
         fused = hp.fused_optimizer
         if fused is None:
-            fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+            # not with fp16's gradient scaler: Lightning unscales before clipping, which a fused step would redo
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            fused = scaler is None and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                           for p in decay + no_decay)
         optimizer = torch.optim.AdamW(
             groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_epsilon, fused=fused
         )

@@ -114,3 +114,32 @@ def test_trust_remote_code_is_off_by_default(tiny_bert: Path) -> None:
 
     model.from_pretrained(Loader)
     assert seen["trust_remote_code"] is False
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_with_the_fused_optimizer(tiny_bert: Path, tmp_path: Path, precision: str) -> None:
+    """Lightning's mixed-precision plugin refuses clipping with a fused optimizer; the module clips itself
+    (no gradient scaler in bf16): every optimizer step sees a gradient norm within the limit."""
+    from lightning.pytorch.callbacks import Callback
+
+    norms: list[float] = []
+
+    class GradNorm(Callback):
+        def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+            optimizer = trainer.optimizers[0]
+            assert optimizer.defaults["fused"]
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+
+            def record(*_: Any) -> None:
+                grads = [p.grad.norm() for p in params if p.grad is not None]
+                norms.append(float(torch.stack(grads).norm()))
+
+            optimizer.register_step_post_hook(record)  # the step runs the closure: backward, then clipping
+
+    model = TextClassificationModule(model_name_or_path=str(tiny_bert), learning_rate=1e-3)
+    dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=32,
+                                      cache_dir=str(tmp_path / "cache"))
+    Trainer(max_steps=4, precision=precision, gradient_clip_val=0.01, callbacks=[GradNorm()], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path).fit(model, dm)
+    assert len(norms) == 4 and max(norms) <= 0.01 * 1.001, norms
