@@ -219,9 +219,14 @@ class TransformerModule(LightningModule):
         outputs = self(**self.model_inputs(batch))
         n = batch["input_ids"].shape[0]
         loss_metric, metrics = self.stage_metrics(stage)
-        loss_metric.update(outputs.loss.detach(), weight=n)
+        loss_metric.update(outputs.loss.detach(), weight=self.loss_weight(batch))
         self.update_metrics(metrics, outputs, batch)
         self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the model's batch loss averages (here: the rows). The epoch loss is weighted by it,
+        so it is one mean over all terms however the examples are batched or shared among processes."""
+        return batch["input_ids"].shape[0]
 
     def log_epoch_metrics(self, stage: str) -> None:
         """Compute the stage's metrics once per epoch and log them as ``<stage>/<name>``.

@@ -1,0 +1,157 @@
+"""Distributed runs (DDP over gloo on 2 CPU processes) give exactly the single-process results.
+
+Every task is validated, tested and used to predict from one checkpoint on 1 process and on 2, with
+evaluation sets of odd size: metrics must agree to float rounding and the predictions file must be the
+same, complete and in input order. DDP runs in fresh interpreters (in-process DDP leaks environment
+variables): one launch of tests/distributed_driver.py covers every task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from datamodules.base import EvalShardSampler
+from tests.conftest import ROOT, SENTIMENT, build_tiny_bert, results, run_train_subprocess, write_experiment
+from tests.distributed_driver import evaluate, fit_checkpoint
+from tests.qa_helpers import QA_VOCAB, make_squad
+from tests.test_seq2seq import copy_data, tiny_t5  # noqa: F401 - fixtures
+from tests.test_token_classification import make_sentences, vocabulary, write_conll
+
+TASKS = ("text_classification", "prompt_classification", "token_classification", "question_answering", "seq2seq")
+EVAL = {"eval_batch_size": 4, "max_eval_samples": 15, "max_predict_samples": 11}  # odd sizes: 2 processes differ by one
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "LOCAL_RANK", "TUNEFORGE_RUN_DIR", "RANK",
+                                                                     "WORLD_SIZE", "MASTER_", "NODE_RANK", "PL_"))}
+    return {**env, **extra}
+
+
+def specs(tmp: Path, tiny_bert: Path, tiny_llama: Path, tiny_t5: Path, copy_data: Path) -> list[dict[str, Any]]:  # noqa: F811
+    cache = str(tmp / "cache")
+    ner_bert = build_tiny_bert(tmp / "ner_bert", vocabulary())
+    qa_bert = build_tiny_bert(tmp / "qa_bert", QA_VOCAB)
+    ner_dev = write_conll(tmp / "ner.dev", make_sentences(15, seed=11, long_every=4), sep="\t")  # long ones: windows
+    ner_test = write_conll(tmp / "ner.test", make_sentences(13, seed=12, long_every=3))
+    (tmp / "qa_train.json").write_text(json.dumps(make_squad(v2=True, n_paragraphs=3, seed=1)))
+    (tmp / "qa_dev.json").write_text(json.dumps(make_squad(v2=True, n_paragraphs=3, seed=2, questions_per_paragraph=3,
+                                                           min_words=60)))  # 9 questions in windows
+    sentiment = {"train_file": str(SENTIMENT / "train.jsonl"), "validation_file": str(SENTIMENT / "validation.jsonl"),
+                 "test_file": str(SENTIMENT / "test.jsonl"), "predict_file": str(SENTIMENT / "test.jsonl")}
+
+    def section(kind: str, cls: str, **init_args: Any) -> dict[str, Any]:
+        return {"class_path": f"{kind}.{cls}", "init_args": init_args}
+
+    return [
+        {"name": "text_classification",
+         "model": section("lit_modules.text_classification", "TextClassificationModule",
+                          model_name_or_path=str(tiny_bert), learning_rate=1e-3),
+         "data": section("datamodules.text_classification", "TextClassificationDataModule", **sentiment,
+                         max_seq_length=32, batch_size=32, cache_dir=cache, **EVAL)},
+        {"name": "prompt_classification", "fit": False,  # zero-shot: the weights are the language model's own
+         "model": section("lit_modules.prompt_classification", "PromptClassificationModule",
+                          model_name_or_path=str(tiny_llama), verbalizer={"negative": " terrible", "positive": " great"}),
+         "data": section("datamodules.prompt_classification", "PromptClassificationDataModule",
+                         template="Review: {text}\nSentiment:", max_seq_length=48,
+                         **{k: v for k, v in sentiment.items() if k != "train_file"}, cache_dir=cache, **EVAL)},
+        {"name": "token_classification",
+         "model": section("lit_modules.token_classification", "TokenClassificationModule",
+                          model_name_or_path=str(ner_bert), learning_rate=3e-3),
+         "data": section("datamodules.token_classification", "TokenClassificationDataModule",
+                         train_file=str(write_conll(tmp / "ner.train", make_sentences(64, seed=10))),
+                         validation_file=str(ner_dev), test_file=str(ner_test), predict_file=str(ner_test),
+                         max_seq_length=24, doc_stride=6, batch_size=16, cache_dir=cache, **EVAL)},
+        {"name": "question_answering",
+         "model": section("lit_modules.question_answering", "QuestionAnsweringModule",
+                          model_name_or_path=str(qa_bert), learning_rate=1e-3),
+         "data": section("datamodules.question_answering", "QuestionAnsweringDataModule",
+                         train_file=str(tmp / "qa_train.json"), validation_file=str(tmp / "qa_dev.json"),
+                         test_file=str(tmp / "qa_dev.json"), predict_file=str(tmp / "qa_dev.json"),
+                         max_seq_length=64, doc_stride=16, batch_size=16, cache_dir=cache, eval_batch_size=3)},
+        {"name": "seq2seq",
+         "model": section("lit_modules.seq2seq", "Seq2SeqModule", model_name_or_path=str(tiny_t5), learning_rate=1e-2,
+                          max_new_tokens=6),
+         "data": section("datamodules.seq2seq", "Seq2SeqDataModule",
+                         **{f"{s}_file": str(copy_data / f"{s}.jsonl") for s in ("train", "validation", "test", "predict")},
+                         batch_size=16, max_train_samples=64, cache_dir=cache, **EVAL)},
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_llama: Path, tiny_t5: Path,  # noqa: F811
+         copy_data: Path) -> dict[str, Path]:  # noqa: F811
+    """Checkpoints from a few training steps, then every task evaluated on 1 process and on 2."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    all_specs = specs(tmp, tiny_bert, tiny_llama, tiny_t5, copy_data)
+    for spec in all_specs:
+        if spec.pop("fit", True):
+            spec["ckpt"] = str(fit_checkpoint(spec, tmp / f"{spec['name']}.ckpt"))
+    (tmp / "specs.json").write_text(json.dumps(all_specs))
+    (tmp / "copy_data_predict.txt").write_text((copy_data / "predict.jsonl").read_text())
+    evaluate(all_specs, tmp / "one", devices=1)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "distributed_driver.py"), str(tmp / "specs.json"),
+                           str(tmp / "two"), "2"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"one": tmp / "one", "two": tmp / "two", "tmp": tmp}
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal JSON values, floats to 1e-5 (scores from batches padded to other widths differ in the last bits)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, abs=1e-5), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_two_processes_validate_test_and_predict_like_one(runs: dict[str, Path], task: str) -> None:
+    one = json.loads((runs["one"] / f"{task}.json").read_text())
+    two = json.loads((runs["two"] / f"{task}.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for stage in ("validate", "test"):
+        assert "val/loss" in one["validate"] or stage == "test"
+        assert one[stage].keys() == two[stage].keys() and len(one[stage]) >= 2, (stage, one[stage])
+        for key, value in one[stage].items():  # the loss too: a repeated example would shift the mean
+            assert two[stage][key] == pytest.approx(value, abs=1e-6), (stage, key)
+    rows_one = (runs["one"] / f"{task}-predictions.jsonl").read_text().splitlines()
+    rows_two = (runs["two"] / f"{task}-predictions.jsonl").read_text().splitlines()
+    assert rows_one, task
+    assert_same([json.loads(r) for r in rows_one], [json.loads(r) for r in rows_two], task)
+
+
+def test_predictions_cover_every_input_once_in_order(runs: dict[str, Path]) -> None:
+    """The 2-process files hold each input once, in file order."""
+    rows = [json.loads(r) for r in (runs["two"] / "text_classification-predictions.jsonl").read_text().splitlines()]
+    inputs = [json.loads(r) for r in (SENTIMENT / "test.jsonl").read_text().splitlines()][:11]
+    assert [r["text"] for r in rows] == [r["text"] for r in inputs]
+    qa = [json.loads(r) for r in (runs["two"] / "question_answering-predictions.jsonl").read_text().splitlines()]
+    dev = json.loads((runs["tmp"] / "qa_dev.json").read_text())
+    assert [r["id"] for r in qa] == [q["id"] for a in dev["data"] for p in a["paragraphs"] for q in p["qas"]]
+    s2s = [json.loads(r) for r in (runs["two"] / "seq2seq-predictions.jsonl").read_text().splitlines()]
+    documents = [json.loads(r)["document"] for r in (runs["tmp"] / "copy_data_predict.txt").read_text().splitlines()]
+    assert [r["source"] for r in s2s] == documents
+
+
+def test_eval_shards_partition_the_order_without_repeats() -> None:
+    order = [7, 3, 9, 0, 4, 1, 8, 2, 6, 5, 10]
+    shards = [list(EvalShardSampler(order, 3, rank)) for rank in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 3]
+    assert sorted(i for s in shards for i in s) == sorted(order)
+    assert shards[0] == [7, 0, 8, 5]  # strided: every process gets long and short examples, longest first
+    assert [len(EvalShardSampler(order, 3, rank)) for rank in range(3)] == [4, 4, 3]
