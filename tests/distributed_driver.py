@@ -60,8 +60,9 @@ def evaluate(specs: list[dict[str, Any]], out_dir: Path, devices: int) -> None:
         test = t.test(model, datamodule=dm, ckpt_path=ckpt, verbose=False)
         t.predict(model, datamodule=dm, ckpt_path=ckpt, return_predictions=False)
         if t.is_global_zero:
+            sizes = {"validate": len(dm.datasets["validation"]), "test": len(dm.datasets["test"])}  # features
             (out_dir / f"{spec['name']}.json").write_text(json.dumps({"validate": val[0], "test": test[0],
-                                                                      "world_size": t.world_size}))
+                                                                      "world_size": t.world_size, "sizes": sizes}))
 
 
 if __name__ == "__main__":
