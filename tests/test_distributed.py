@@ -229,3 +229,27 @@ def test_fewer_examples_than_processes_is_a_data_error(tiny_bert: Path, tmp_path
     dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # built, never launched
     with pytest.raises(DataError, match=r"validation.jsonl: 1 example\(s\) cannot be shared by 2 processes"):
         dm.val_dataloader()
+
+
+# ---- launch material ---------------------------------------------------------------------------------
+
+def test_slurm_script_command_parses(tmp_path: Path) -> None:
+    """Run configs/launch/slurm.sbatch as SLURM would (its variables set) with an `srun` that adds
+    --print_config: the training command and the presets it composes parse, with the allocation's counts."""
+    sbatch = (ROOT / "configs" / "launch" / "slurm.sbatch").read_text()
+    for option in ("--signal=SIGUSR1@90", "--requeue", "--ntasks-per-node=8", "--gpus-per-node=8"):
+        assert f"#SBATCH {option}\n" in sbatch
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@" --print_config\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="4",
+                    SLURM_NTASKS_PER_NODE="8", SLURM_JOB_ID="123", TUNEFORGE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(["bash", str(ROOT / "configs" / "launch" / "slurm.sbatch"), "--run_name", "slurm-check"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load(proc.stdout)
+    assert config["trainer"]["num_nodes"] == 4 and str(config["trainer"]["devices"]) == "8"  # Lightning parses "8"
+    assert (config["trainer"]["strategy"], config["trainer"]["accelerator"]) == ("ddp", "gpu")
+    assert config["run_name"] == "slurm-check"
+    assert config["data"]["init_args"]["train_file"] == "experiments/data/sentiment/train.jsonl"
