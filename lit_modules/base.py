@@ -384,11 +384,20 @@ class TransformerModule(LightningModule):
 
     # ---- export --------------------------------------------------------------------------------
 
-    def export(self, directory: str | os.PathLike) -> Path:
+    def export(self, directory: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
         """Write a plain Hugging Face folder (model + tokenizer) that ``transformers.pipeline`` loads.
 
-        Written to a temporary folder first and renamed, so a failed export leaves nothing half-written.
+        ``state_dict``: this module's complete weights when a sharded strategy (FSDP, DeepSpeed ZeRO-3) holds
+        ``self.model`` in pieces (``lit_modules.distributed.full_state_dict``); a plain copy of the model
+        gets them and is exported instead. Written to a temporary folder first and renamed, so a failed
+        export leaves nothing half-written.
         """
+        if state_dict is not None:
+            sharded, self.model = self.model, self.plain_model(state_dict)
+            try:
+                return self.export(directory)
+            finally:
+                self.model = sharded
         out = Path(directory)
         _save_folder(self.export_model(), self.tokenizer, out)
         if self.peft_config is not None and self.export_merged:
@@ -397,6 +406,17 @@ class TransformerModule(LightningModule):
             merged = copy.deepcopy(self.export_model()).merge_and_unload()
             _save_folder(merged, self.tokenizer, out.with_name(out.name + "-merged"))
         return out
+
+    def plain_model(self, state_dict: dict[str, torch.Tensor]) -> Any:
+        """A new, unsharded ``self.model`` (built as in ``configure_model``) holding ``state_dict``'s weights."""
+        model = self.build_model()
+        if self.peft_config is not None:
+            from lit_modules.peft_support import apply_peft
+
+            model = apply_peft(model, self.peft_config)
+        prefix = "model."
+        model.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        return model
 
     def export_model(self) -> Any:
         """The model object to save on export (with PEFT: the adapter; ``save_pretrained`` writes only it)."""

@@ -253,3 +253,39 @@ def test_slurm_script_command_parses(tmp_path: Path) -> None:
     assert (config["trainer"]["strategy"], config["trainer"]["accelerator"]) == ("ddp", "gpu")
     assert config["run_name"] == "slurm-check"
     assert config["data"]["init_args"]["train_file"] == "experiments/data/sentiment/train.jsonl"
+
+
+# ---- export after sharded training -------------------------------------------------------------------
+
+@pytest.mark.parametrize("peft", [None, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": None}])
+def test_export_writes_the_gathered_weights_not_the_shards(tiny_bert: Path, tmp_path: Path, peft: Any) -> None:
+    """After FSDP / DeepSpeed ZeRO-3 rank 0's ``self.model`` holds only pieces; train.py passes the gathered
+    weights (lit_modules.distributed.full_state_dict) and the export must be built from those alone."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_modules.text_classification import TextClassificationModule
+
+    module = TextClassificationModule(model_name_or_path=str(tiny_bert), labels=["negative", "positive"], peft=peft,
+                                      export_merged=peft is not None)
+    module.configure_model()
+    torch.manual_seed(1)
+    with torch.no_grad():  # "trained": every weight moved away from the pretrained one
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    reference = copy.deepcopy(module.model).merge_and_unload() if peft else copy.deepcopy(module.model)
+    with torch.no_grad():  # what a rank holds of a sharded model is not the model
+        for p in module.model.parameters():
+            p.zero_()
+    out = module.export(tmp_path / "export", state_dict=state)
+    assert all(not p.any() for p in module.model.parameters())  # the sharded module itself is left alone
+    plain = AutoModelForSequenceClassification.from_pretrained(f"{out}-merged" if peft else out)
+    expected = reference.state_dict()
+    got = plain.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
