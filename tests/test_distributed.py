@@ -160,10 +160,18 @@ def test_eval_shards_partition_the_order_without_repeats() -> None:
 
 # ---- train.py on two simulated nodes: one W&B run, data tokenised once per job ------------------------
 
-def launch_two_nodes(args: list[str], tmp: Path, caches: tuple[Path, Path], port: int) -> list[subprocess.CompletedProcess]:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(args: list[str], tmp: Path, caches: tuple[Path, Path]) -> list[subprocess.CompletedProcess]:
     """train.py as two one-process nodes of one job (NODE_RANK 0 and 1), as SLURM or torchrun start them,
     sharing the run directory as a SLURM job's tasks do; each node gets its own cache directory setting."""
-    procs = []
+    procs, port = [], free_port()
     for node, cache in enumerate(caches):
         env = clean_env(WANDB_MODE="offline", HOME=str(tmp / "home"), TUNEFORGE_CACHE=str(cache), MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(port), NODE_RANK=str(node), LOCAL_RANK="0", TUNEFORGE_RUN_DIR=str(tmp / "job"))
@@ -191,7 +199,7 @@ def test_two_nodes_tokenise_once_and_log_one_wandb_run(tiny_bert: Path, tmp_path
                            extra={"checkpoint": {"monitor": "val/accuracy", "mode": "max"}})
     cache = tmp_path / "cache"
     node0, node1 = launch_two_nodes(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
-                                     "--export", "false"], tmp_path, (cache, cache), port=29631)
+                                     "--export", "false"], tmp_path, (cache, cache))
     # global rank 0 tokenised every split into the shared cache; the other node only loaded it
     assert [tokenised(node0, s) for s in ("train", "validation", "test")] == [1, 1, 1]
     assert [tokenised(node1, s) for s in ("train", "validation", "test")] == [0, 0, 0]
@@ -206,7 +214,7 @@ def test_two_nodes_tokenise_once_and_log_one_wandb_run(tiny_bert: Path, tmp_path
 def test_a_node_without_the_shared_cache_tokenises_its_own(tiny_bert: Path, tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "local.yaml", tiny_bert, data=EVAL)
     node0, node1 = launch_two_nodes(["validate", "--config", str(exp), "--output_dir", str(tmp_path / "runs")], tmp_path,
-                                    (tmp_path / "cache0", tmp_path / "cache1"), port=29632)
+                                    (tmp_path / "cache0", tmp_path / "cache1"))
     assert tokenised(node0, "validation") == 1 and tokenised(node1, "validation") == 1
     assert "node 1 does not see the tokenised cache" in node1.stderr
     assert len(list((tmp_path / "cache1" / "text_classification").glob("validation-*.arrow"))) == 1
