@@ -322,13 +322,12 @@ class QuestionAnsweringModule(TransformerModule):
         ))
 
     def evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        inputs = self.model_inputs(batch)
-        positions = [inputs.pop(k, None) for k in ("start_positions", "end_positions")]
-        outputs = self(**inputs)
+        outputs = self(**self.model_inputs(batch))
         self._keep_windows(stage, outputs, batch)
-        if positions[0] is not None and positions[1] is not None:
+        if outputs.loss is not None:
             n = batch["input_ids"].shape[0]
             loss_metric, _ = self.stage_metrics(stage)
+            positions = [batch["start_positions"], batch["end_positions"]]
             loss_metric.update(self._unpadded_loss(outputs, batch["attention_mask"], positions), weight=n)
             self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
 
