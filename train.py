@@ -38,6 +38,7 @@ from datamodules.base import TransformerDataModule  # noqa: E402
 from datamodules.readers import DataError  # noqa: E402
 from lit_modules.base import ConfigError, TransformerModule  # noqa: E402
 from lit_modules.callbacks import BestCheckpoint, RunMetadata  # noqa: E402
+from lit_modules.distributed import full_state_dict, restore_weights  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -416,9 +417,11 @@ class TuneforgeCLI(LightningCLI):
             metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=True)
             results["test"] = metrics[0] if metrics else {}
         elif best:
-            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-        if cfg.export and trainer.is_global_zero and isinstance(model, TransformerModule):
-            results["export"] = str(model.export(self.run_dir / "export"))
+            restore_weights(trainer, best)
+        if cfg.export and isinstance(model, TransformerModule):
+            state = full_state_dict(trainer, best or None)  # every process: FSDP gathers its shards here
+            if trainer.is_global_zero:
+                results["export"] = str(model.export(self.run_dir / "export", state_dict=state))
         if trainer.is_global_zero:
             self._finish(results)
 

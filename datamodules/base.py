@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datamodules.readers import DataError, check_data_file, read_records
 
@@ -116,6 +117,8 @@ class TransformerDataModule(LightningDataModule):
         self.tokenizer: Any = None  # set by attach_tokenizer or taken from the model at prepare/setup time
         self.datasets: dict[str, Any] = {}
         self._hub: Any = None
+        # tokenise once per job (global rank 0), not once per node; other nodes load the shared cache
+        self.prepare_data_per_node = False
 
     # ---- what a task defines -------------------------------------------------------------------
 
@@ -263,8 +266,12 @@ class TransformerDataModule(LightningDataModule):
         path = self._cache_path(split)
         if path.is_file() and not (build and self.overwrite_cache):
             return datasets.Dataset.from_file(str(path))
-        if not build:  # another rank was to build it in prepare_data
-            raise RuntimeError(f"tokenised cache {path} is missing; was prepare_data skipped?")
+        if not build:  # global rank 0 was to build it in prepare_data
+            if self.trainer is None or self.trainer.node_rank == 0:
+                raise RuntimeError(f"tokenised cache {path} is missing; was prepare_data skipped?")
+            warnings.warn(f"node {self.trainer.node_rank} does not see the tokenised cache {path} that rank 0 wrote: "
+                          "tokenising here; put data.cache_dir (or TUNEFORGE_CACHE) on a filesystem every node shares "
+                          "to tokenise once per job", stacklevel=2)
         records, lines = self._read_split(split)
         limit = self._max_samples(split)
         if limit is not None:
@@ -297,7 +304,7 @@ class TransformerDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         for split in self._stage_splits(stage):
-            # prepare_data ran on local rank 0 only; without a trainer (tests, notebooks) build here
+            # prepare_data ran on global rank 0 only; without a trainer (tests, notebooks) build here
             self.datasets[split] = self._load_split(split, build=self.trainer is None or self.trainer.world_size == 1)
         self.on_features_ready(stage)
 
@@ -321,8 +328,14 @@ class TransformerDataModule(LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         lengths = np.asarray(self.datasets[split]["length"])
-        order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows at once
-        return self._loader(split, self.eval_batch_size, order.tolist())
+        order = np.argsort(-lengths, kind="stable").tolist()  # longest first: an out-of-memory shows at once
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world == 1:
+            return self._loader(split, self.eval_batch_size, order)
+        if len(order) < world:  # a process without a batch would skip the epoch hooks that sync the metrics
+            raise DataError(f"{self._source_name(split)}: {len(order)} example(s) cannot be shared by {world} "
+                            f"processes; evaluate with fewer devices")
+        return self._loader(split, self.eval_batch_size, EvalShardSampler(order, world, self.trainer.global_rank))
 
     def _loader(self, split: str, batch_size: int, sampler: Any) -> DataLoader:
         tokenizer = self._get_tokenizer()
@@ -439,3 +452,25 @@ class LengthGroupedSampler(Sampler[int]):
         groups[0][0], groups[top][0] = groups[top][0], groups[0][0]
         order = np.concatenate(groups)
         return iter(order.tolist())
+
+
+class EvalShardSampler(DistributedSampler):
+    """One process's share of an evaluation order: every ``num_replicas``-th index from ``rank`` on.
+
+    Unlike Lightning's ``DistributedSampler`` it never repeats an example to give every process the same
+    number, so validation / test metrics count each example exactly once and equal a single-process run;
+    the shares differ by at most one example and keep the longest-first order. Being a
+    ``DistributedSampler``, Lightning uses it as it is instead of wrapping it.
+    """
+
+    def __init__(self, order: list[int], num_replicas: int, rank: int) -> None:
+        super().__init__(order, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.order = list(order)
+        self.total_size = len(self.order)
+        self.num_samples = len(self.order[rank::num_replicas])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples

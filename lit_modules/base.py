@@ -219,9 +219,14 @@ class TransformerModule(LightningModule):
         outputs = self(**self.model_inputs(batch))
         n = batch["input_ids"].shape[0]
         loss_metric, metrics = self.stage_metrics(stage)
-        loss_metric.update(outputs.loss.detach(), weight=n)
+        loss_metric.update(outputs.loss.detach(), weight=self.loss_weight(batch))
         self.update_metrics(metrics, outputs, batch)
         self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the model's batch loss averages (here: the rows). The epoch loss is weighted by it,
+        so it is one mean over all terms however the examples are batched or shared among processes."""
+        return batch["input_ids"].shape[0]
 
     def log_epoch_metrics(self, stage: str) -> None:
         """Compute the stage's metrics once per epoch and log them as ``<stage>/<name>``.
@@ -399,11 +404,20 @@ class TransformerModule(LightningModule):
 
     # ---- export --------------------------------------------------------------------------------
 
-    def export(self, directory: str | os.PathLike) -> Path:
+    def export(self, directory: str | os.PathLike, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
         """Write a plain Hugging Face folder (model + tokenizer) that ``transformers.pipeline`` loads.
 
-        Written to a temporary folder first and renamed, so a failed export leaves nothing half-written.
+        ``state_dict``: this module's complete weights when a sharded strategy (FSDP, DeepSpeed ZeRO-3) holds
+        ``self.model`` in pieces (``lit_modules.distributed.full_state_dict``); a plain copy of the model
+        gets them and is exported instead. Written to a temporary folder first and renamed, so a failed
+        export leaves nothing half-written.
         """
+        if state_dict is not None:
+            sharded, self.model = self.model, self.plain_model(state_dict)
+            try:
+                return self.export(directory)
+            finally:
+                self.model = sharded
         out = Path(directory)
         _save_folder(self.export_model(), self.tokenizer, out)
         if self.peft_config is not None and self.export_merged:
@@ -412,6 +426,17 @@ class TransformerModule(LightningModule):
             merged = copy.deepcopy(self.export_model()).merge_and_unload()
             _save_folder(merged, self.tokenizer, out.with_name(out.name + "-merged"))
         return out
+
+    def plain_model(self, state_dict: dict[str, torch.Tensor]) -> Any:
+        """A new, unsharded ``self.model`` (built as in ``configure_model``) holding ``state_dict``'s weights."""
+        model = self.build_model()
+        if self.peft_config is not None:
+            from lit_modules.peft_support import apply_peft
+
+            model = apply_peft(model, self.peft_config)
+        prefix = "model."
+        model.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        return model
 
     def export_model(self) -> Any:
         """The model object to save on export (with PEFT: the adapter; ``save_pretrained`` writes only it)."""

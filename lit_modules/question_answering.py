@@ -327,8 +327,18 @@ class QuestionAnsweringModule(TransformerModule):
         if outputs.loss is not None:
             n = batch["input_ids"].shape[0]
             loss_metric, _ = self.stage_metrics(stage)
-            loss_metric.update(outputs.loss.detach(), weight=n)
+            positions = [batch["start_positions"], batch["end_positions"]]
+            loss_metric.update(self._unpadded_loss(outputs, batch["attention_mask"], positions), weight=n)
             self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
+
+    @staticmethod
+    def _unpadded_loss(outputs: Any, attention_mask: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
+        """The model's span loss with padding positions left out of the softmax (Hugging Face keeps them), so
+        a window's loss does not depend on how wide its batch was padded, nor on how windows were batched."""
+        pad = ~attention_mask.bool()
+        losses = [torch.nn.functional.cross_entropy(logits.detach().float().masked_fill(pad, float("-inf")), target)
+                  for logits, target in zip((outputs.start_logits, outputs.end_logits), positions)]
+        return (losses[0] + losses[1]) / 2
 
     def _gather_windows(self, stage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This epoch's window logits from every process: (feature rows, start [n, width], end [n, width])."""

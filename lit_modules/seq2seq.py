@@ -278,7 +278,7 @@ class Seq2SeqModule(TransformerModule):
         outputs = self(**self.model_inputs(batch))
         n = batch["input_ids"].shape[0]
         loss_metric, metrics = self.stage_metrics(stage)
-        loss_metric.update(outputs.loss.detach(), weight=n)
+        loss_metric.update(outputs.loss.detach(), weight=self.loss_weight(batch))
         self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
         rows = self._generate_rows[stage]
         if rows is None:
@@ -293,6 +293,11 @@ class Seq2SeqModule(TransformerModule):
         all_refs = self.trainer.datamodule.references[split]
         idx = batch["idx"]
         metrics.update(preds=texts, references=[all_refs[i] for i in idx.tolist()], idx=idx, gen_lengths=lengths)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loss is a mean over target tokens (a causal LM predicts each from the one before it)."""
+        labels = batch["labels"][:, 1:] if self.decoder_only else batch["labels"]
+        return int((labels != -100).sum())
 
     def _log_generation_metrics(self, stage: str) -> None:
         _, metrics = self.stage_metrics(stage)

@@ -223,6 +223,10 @@ class TokenClassificationModule(TransformerModule):
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k not in ("idx", "score_word", "sentence")}
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loss is a mean over the labelled sub-tokens."""
+        return int((batch["labels"] != -100).sum())
+
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
         metrics.update(outputs.logits.detach().argmax(-1), batch["labels"], batch["score_word"], batch["sentence"])
 
