@@ -152,9 +152,11 @@ def load_experiment(path: str | Path) -> Optional[Experiment]:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
-        raise RegistryError(f"{path}: cannot read ({e.strerror})") from None
+        raise RegistryError(f"{_display(path)}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise RegistryError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RegistryError(f"{_display(path)}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     ref = config.get("reference") if isinstance(config, dict) else None
     if ref is None:
         return None
