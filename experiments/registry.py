@@ -260,8 +260,9 @@ def list_rows(experiments: list[Experiment]) -> list[dict[str, str]]:
             rows.append({**base, "metric": "-", "published": "-", "source": "none comparable (see notes)",
                          "verified": "-"})
         for p in exp.published:
-            rows.append({**base, "metric": " / ".join(p.metrics), "published": " / ".join(_number(v) for v in p.metrics.values()),
-                         "source": p.source, "verified": p.verified})
+            values = " / ".join(_number(v) for v in p.metrics.values())
+            rows.append({**base, "metric": " / ".join(p.metrics), "published": values, "source": p.source,
+                         "verified": p.verified})
     return rows
 
 
@@ -324,9 +325,12 @@ def hardware() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def evaluate(exp: Experiment, overrides: list[str], python: str = sys.executable) -> tuple[Path, dict[str, float], dict[str, Any]]:
+def evaluate(exp: Experiment, overrides: list[str],
+             python: str = sys.executable) -> tuple[Path, dict[str, float], dict[str, Any]]:
     """Fit (unless the procedure is evaluate-only) and score the published split: (run dir, metrics, fit results)."""
     config = ["--config", str(exp.path), *overrides]
+    if "/" in exp.name and not Path(exp.name).is_absolute():  # runs/bert_base_sst2/..., not runs/sst2/ for every model
+        config = ["--config", str(exp.path), "--run_name", exp.name.replace("/", "_"), *overrides]
     if exp.procedure == "evaluate":
         sub = "test" if exp.split == "test" else "validate"
         run_dir = run_train(sub, config, python)
@@ -366,9 +370,8 @@ def comparison_rows(exp: Experiment, metrics: dict[str, float]) -> list[dict[str
     return rows
 
 
-def _fmt(value: Any) -> str:
-    return "" if value is None else f"{value:+.2f}" if isinstance(value, float) and value < 0 else \
-        f"{value:.2f}" if isinstance(value, float) else str(value)
+def _fmt(value: Optional[float], sign: bool = False) -> str:
+    return "-" if value is None else f"{value:+.2f}" if sign else f"{value:.2f}"
 
 
 def write_results_table(stem: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
@@ -457,8 +460,8 @@ def reproduce(exp: Experiment, overrides: list[str], results_table: Path,
     run_id = wandb_summary(run_dir, res.get("wandb_run"), summary)
     print(f"\n{exp.name} ({exp.variant}, {exp.split} split){' with ' + common['overrides'] if overrides else ''}:")
     for row in rows:
-        print(f"  {row['metric']}: ours {_fmt(row['ours']) or 'missing'} vs {_fmt(row['published']) or '-'} "
-              f"({_fmt(row['delta']) or 'no delta'})  [{row['source']}]")
+        print(f"  {row['metric']}: ours {_fmt(row['ours'])} vs {_fmt(row['published'])} "
+              f"(delta {_fmt(row['delta'], sign=True)})  [{row['source']}]")
     print(f"Results table:   {csv_path} and {md_path}")
     if run_id is None:
         print("W&B summary:     no W&B run (logger off)", flush=True)

@@ -19,7 +19,8 @@ from tests.conftest import ROOT, SHARED_DATA, build_tiny_llama, corpus_texts, ru
 from experiments import registry
 from experiments.wandb_offline import read_run
 
-EXPERIMENT_FILES = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "data" not in p.relative_to(ROOT / "experiments").parts[:1])
+EXPERIMENT_FILES = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+                          if "data" not in p.relative_to(ROOT / "experiments").parts[:1])
 LABEL_WORDS = "It was great. It was terrible. The movie was great, the food was terrible."
 
 
@@ -44,7 +45,7 @@ def build_tiny_bpe_tokenizer(directory: Path, texts: list[str]) -> Any:
 
 
 def build_tiny_family(directory: Path, family: str) -> Path:
-    """A random 2-layer model of ``family`` (roberta, deberta-v2, bart) with a BPE tokenizer, saved to ``directory``."""
+    """A random 2-layer ``family`` model (roberta, deberta-v2, bart) with a BPE tokenizer, saved to ``directory``."""
     import torch
     from transformers import (BartConfig, BartForConditionalGeneration, DebertaV2Config, DebertaV2Model, RobertaConfig,
                               RobertaForMaskedLM)
@@ -59,8 +60,9 @@ def build_tiny_family(directory: Path, family: str) -> Path:
                                                  intermediate_size=64, max_position_embeddings=520, **ids))
     elif family == "deberta-v2":
         model = DebertaV2Model(DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=64, max_position_embeddings=512, relative_attention=True,
-                                               pos_att_type=["p2c", "c2p"], position_buckets=16, **ids))
+                                               intermediate_size=64, max_position_embeddings=512,
+                                               relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                               position_buckets=16, **ids))
     elif family == "bart":
         model = BartForConditionalGeneration(BartConfig(
             d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
@@ -182,6 +184,10 @@ def test_list_prints_every_experiment_with_its_published_number_and_source(capsy
     assert registry.main(["list", "--format", "csv"]) == 0
     parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(parsed) == len(rows) and tuple(parsed[0]) == registry.LIST_COLUMNS
+    assert registry.main(["list", "--format", "json"]) == 0
+    listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert listed["bert_large/squad_v2"]["published"][0]["metrics"] == {"exact_match": 78.7, "f1": 81.9}
+    assert listed["bert_large/squad_v2"]["path"] == "experiments/bert_large/squad_v2.yaml"
 
 
 @pytest.mark.parametrize("block, message", [
@@ -262,7 +268,8 @@ def test_reproduce_fits_evaluates_and_records_ours_vs_published(tiny_bert: Path,
                                           "delta": 11.0}])
     assert len(list(csv.DictReader(open(table.with_suffix(".csv"))))) == 3
     md_rows = [line for line in table.with_suffix(".md").read_text().splitlines() if line.startswith("| 20")]
-    assert len(md_rows) == 3 and "| 61.00 | 50.00 | +11.00 |" in md_rows[-1] and "`--trainer.max_epochs 9`" in md_rows[-1]
+    assert len(md_rows) == 3 and "| 61.00 | 50.00 | +11.00 |" in md_rows[-1]
+    assert "`--trainer.max_epochs 9`" in md_rows[-1]
 
 
 def test_reproduce_stops_with_one_line_when_train_py_fails(tiny_bert: Path, tmp_path: Path,
@@ -291,9 +298,11 @@ def test_reproduce_minilm_sst2_on_a_subset(tmp_path: Path) -> None:
             overrides += [f"--data.init_args.{split}_file", str(SHARED_DATA / "sst2" / name)]
     assert registry.main(["reproduce", "minilm/sst2", "--results_table", str(table), *overrides]) == 0
     rows = list(csv.DictReader(open(table.with_suffix(".csv"))))
-    assert {r["source"].split(",")[0] for r in rows} == {"microsoft/unilm minilm/README.md", "Sanh et al. 2019 (DistilBERT)"}
+    sources = {r["source"].split(",")[0] for r in rows}
+    assert sources == {"microsoft/unilm minilm/README.md", "Sanh et al. 2019 (DistilBERT)"}
     ours = float(rows[0]["ours"])
     # 2,000 sentences, one epoch of 63 steps: 64.6% measured on 2 CPU cores; a broken pipeline gives chance (~51%)
     assert 60.0 < ours < 95.0
     assert float(rows[0]["delta"]) == pytest.approx(ours - float(rows[0]["published"]))
     assert {float(r["published"]) for r in rows} == {91.5, 91.3}
+    assert Path(rows[0]["run_dir"]).parent.name == "minilm_sst2"  # runs/<experiment name>/<time>
