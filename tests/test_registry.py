@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SHARED_DATA, build_tiny_llama, corpus_texts, run_train, write_experiment
+from tests.conftest import ROOT, SENTIMENT, SHARED_DATA, corpus_texts, run_train, write_experiment
 
 from experiments import registry
 from experiments.wandb_offline import read_run
@@ -84,9 +84,9 @@ def family_of(model_name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stand_ins(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def stand_ins(tiny_bert: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("stand_ins")
-    out = {"bert": tiny_bert, "llama": build_tiny_llama(tmp / "llama", corpus_texts())}
+    out = {"bert": tiny_bert, "llama": tiny_llama}
     for family in ("roberta", "deberta-v2", "bart"):
         out[family] = build_tiny_family(tmp / family, family)
     return out
@@ -270,6 +270,33 @@ def test_reproduce_fits_evaluates_and_records_ours_vs_published(tiny_bert: Path,
     md_rows = [line for line in table.with_suffix(".md").read_text().splitlines() if line.startswith("| 20")]
     assert len(md_rows) == 3 and "| 61.00 | 50.00 | +11.00 |" in md_rows[-1]
     assert "`--trainer.max_epochs 9`" in md_rows[-1]
+
+
+def test_reproduce_evaluate_only_scores_the_test_split_without_training(tiny_llama: Path, tmp_path: Path) -> None:
+    """``procedure: evaluate`` (zero-shot prompting): ``train.py test`` only, no checkpoint, the test metrics compared."""
+    cfg = {
+        "model": {"class_path": "lit_modules.prompt_classification.PromptClassificationModule",
+                  "init_args": {"model_name_or_path": str(tiny_llama),
+                                "verbalizer": {"negative": " terrible", "positive": " great"}}},
+        "data": {"class_path": "datamodules.prompt_classification.PromptClassificationDataModule",
+                 "init_args": {"template": "Review: {text}\nSentiment:", "test_file": str(SENTIMENT / "test.jsonl"),
+                               "max_seq_length": 48, "eval_batch_size": 64}},
+        "trainer": {"enable_progress_bar": False},
+        "reference": {**_reference(83.6), "split": "test", "procedure": "evaluate"},
+    }
+    exp_path = tmp_path / "zero_shot.yaml"
+    exp_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    table = tmp_path / "results"
+    assert registry.main(["reproduce", str(exp_path), "--results_table", str(table),
+                          "--output_dir", str(tmp_path / "runs")]) == 0
+    rows = list(csv.DictReader(open(table.with_suffix(".csv"))))
+    assert [r["metric"] for r in rows] == ["test/accuracy", "test/f1"]
+    run_dir = Path(rows[0]["run_dir"])
+    assert run_dir.name.endswith("-test") and not (run_dir / "checkpoints").exists()
+    tested = json.loads((run_dir / "results.json").read_text())["test"]
+    assert float(rows[0]["ours"]) == pytest.approx(100 * tested["test/accuracy"])
+    summary = read_run(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])["summary"]
+    assert summary["reproduce/fixture/test/accuracy/delta"] == pytest.approx(float(rows[0]["delta"]))
 
 
 def test_reproduce_stops_with_one_line_when_train_py_fails(tiny_bert: Path, tmp_path: Path,
