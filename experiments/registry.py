@@ -474,7 +474,7 @@ def reproduce(exp: Experiment, overrides: list[str], results_table: Path,
 
 def cmd_reproduce(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments reproduce",
+        prog="python -m experiments reproduce", allow_abbrev=False,  # abbreviations would swallow train.py options
         description="Fit an experiment with train.py, evaluate it on the published split and record ours vs published. "
                     "Options not listed here are passed to train.py (later ones win).")
     parser.add_argument("name", help="experiment name from `python -m experiments list`, or an experiment YAML file")
