@@ -306,6 +306,9 @@ class TuneforgeCLI(LightningCLI):
                             help="After fit, test the best checkpoint when test data is configured.")
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
                             help="predict output (JSONL); default <run dir>/predictions.jsonl.")
+        parser.add_argument("--reference", type=Optional[dict[str, Any]], default=None,
+                            help="Published results this experiment file reproduces (read by `python -m experiments`; "
+                                 "training ignores it).")
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
 
     # The run directory, loggers and checkpoint paths are fixed before any class is built.

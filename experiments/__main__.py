@@ -1,13 +1,15 @@
-"""`python -m experiments <tool>`: compare (runs side by side without the W&B dashboard)."""
+"""`python -m experiments <tool>`: list (the paper baselines), reproduce (run one and compare with the
+published number), compare (runs side by side without the W&B dashboard)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TOOLS = {"compare": "experiments.compare"}
+TOOLS = {"list": "experiments.registry", "reproduce": "experiments.registry", "compare": "experiments.compare"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in TOOLS:
         print(f"usage: python -m experiments {{{','.join(TOOLS)}}} ...", file=sys.stderr)
         return 2
-    import importlib
-
-    return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    module = importlib.import_module(TOOLS[argv[0]])
+    # the registry serves two subcommands and takes the subcommand itself
+    return module.main(argv if TOOLS[argv[0]] == "experiments.registry" else argv[1:])
 
 
 if __name__ == "__main__":
