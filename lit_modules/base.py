@@ -86,7 +86,8 @@ class TransformerModule(LightningModule):
             options; presets in ``configs/peft/``). Only its parameters and the task head are trained,
             and checkpoints hold only those.
         export_merged: with ``peft``, export also ``<export>-merged``: adapters merged into a plain model.
-        skip_nonfinite_loss: a NaN / Inf training loss skips its batch (no backward, no optimizer step; counted
+        skip_nonfinite_loss: a NaN / Inf training loss skips its batch (no backward: the optimizer step finds no
+            gradients and changes nothing, though Lightning counts the step and the schedule advances; counted
             and logged as ``train/skipped_batches``) instead of stopping the run with an error naming the batch.
     """
 
