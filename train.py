@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -32,12 +33,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silence the fork war
 import torch  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from datamodules.base import TransformerDataModule  # noqa: E402
 from datamodules.readers import DataError  # noqa: E402
-from lit_modules.base import ConfigError, TransformerModule  # noqa: E402
-from lit_modules.callbacks import BestCheckpoint, RunMetadata  # noqa: E402
+from lit_modules.base import ConfigError, NonFiniteLossError, TransformerModule  # noqa: E402
+from lit_modules.callbacks import BestCheckpoint, Preemption, ResumeState, RunMetadata  # noqa: E402
+from lit_modules.checkpoint_io import AtomicCheckpointIO, check_checkpoint  # noqa: E402
 from lit_modules.distributed import full_state_dict, restore_weights  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -191,6 +195,31 @@ def choose_wandb_mode() -> tuple[str, str]:
     return "online", "API key found"
 
 
+def guard_logger(logger: Any) -> None:
+    """Make a logger's errors mid-run (W&B service gone, network, a run finished under it) a warning, shown
+    once, instead of the end of training; what it could not log is lost, the run goes on."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    failed: list[str] = []
+    for name in ("log_metrics", "log_hyperparams", "after_save_checkpoint", "save", "finalize"):
+        method = getattr(logger, name, None)
+        if method is None:
+            continue
+
+        def guarded(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            try:
+                return _method(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - whatever the logging backend raises, training goes on
+                if not failed:
+                    reason = (str(e).strip().splitlines() or [""])[0][:200]
+                    rank_zero_warn(f"{type(logger).__name__}.{_name} failed ({type(e).__name__}: {reason}); training "
+                                   "continues, further logger errors are not shown")
+                failed.append(_name)
+                return None
+
+        setattr(logger, name, guarded)
+
+
 # ---- run directory, config and run info --------------------------------------------------------------
 
 def git_info() -> dict[str, Any]:
@@ -296,6 +325,14 @@ class TuneforgeCLI(LightningCLI):
         TuneforgeParser.cwd = os.getcwd()
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of --ckpt_path here: an unreadable file is one line, exit 2
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+            check_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--output_dir", type=str, default="runs", help="Root of all run directories.")
         parser.add_argument("--run_name", type=Optional[str], default=None,
@@ -309,6 +346,8 @@ class TuneforgeCLI(LightningCLI):
         parser.add_argument("--reference", type=Optional[dict[str, Any]], default=None,
                             help="Published results this experiment file reproduces (read by `python -m experiments`; "
                                  "training ignores it).")
+        parser.add_argument("--min_free_disk_mb", type=int, default=1024,
+                            help="Stop before training when the output directory's disk has less free space (MB).")
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
 
     # The run directory, loggers and checkpoint paths are fixed before any class is built.
@@ -320,6 +359,9 @@ class TuneforgeCLI(LightningCLI):
         experiments = [p for p in configs if "configs" not in p.resolve().relative_to(p.resolve().anchor).parts[:-1]]
         run_name = cfg.run_name or ((experiments or configs)[0].stem if configs else "run")
         resume = self._resume_point(cfg, run_name) if sub == "fit" else {}
+        check_output_dir(Path(cfg.output_dir), cfg.min_free_disk_mb, "output_dir")
+        if cfg.checkpoint.dirpath is not None:
+            check_output_dir(Path(cfg.checkpoint.dirpath), cfg.min_free_disk_mb, "checkpoint.dirpath")
         self.run_dir = Path(resume["run_dir"]) if resume.get("run_dir") else make_run_dir(cfg.output_dir, run_name, sub)
         os.environ["TUNEFORGE_RUN_DIR"] = str(self.run_dir)
         filled: list[tuple[Any, str, Any]] = []
@@ -382,22 +424,25 @@ class TuneforgeCLI(LightningCLI):
         elif ckpt is None and os.environ.get("SLURM_JOB_ID"):
             hpc = sorted(make_run_dir(cfg.output_dir, run_name, "fit").glob("hpc_ckpt_*.ckpt"))
             ckpt = str(hpc[-1]) if hpc else None
-        if not ckpt or not Path(ckpt).is_file():
+        if not ckpt or ckpt in ("best", "hpc"):
             return {}
-        try:
-            meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("tuneforge") or {}
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise ConfigError(f"ckpt_path: cannot read checkpoint {ckpt}: {str(e).splitlines()[0][:200]}") from None
+        meta = check_checkpoint(ckpt).get("tuneforge") or {}
         run_dir = meta.get("run_dir")
         return {"run_dir": run_dir if run_dir and Path(run_dir).is_dir() else None, "wandb_id": meta.get("wandb_id")}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        callbacks.append(RunMetadata(str(self.run_dir)))
+        callbacks += [RunMetadata(str(self.run_dir)), ResumeState(), Preemption()]
         if config.get("enable_checkpointing") is False:  # the checkpoint section adds one unless switched off
             callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
-        return self._instantiate_trainer(config, callbacks)
+        trainer = self._instantiate_trainer(config, callbacks)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                guard_logger(logger)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one a strategy or the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         if isinstance(self.model, TransformerModule):
@@ -467,6 +512,25 @@ class TuneforgeCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+def check_output_dir(directory: Path, min_free_mb: int, key: str) -> None:
+    """Before anything is built: the output directory can be created and written, and its disk has room."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is a file, not a directory")
+    try:  # a real write: permissions, read-only mounts and ACLs all show here (os.access misses some)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tuneforge-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write to {directory} ({existing}: {e.strerror or e})") from None
+    free_mb = shutil.disk_usage(existing).free / 2**20
+    if free_mb < min_free_mb:
+        raise ConfigError(f"{key}: only {free_mb:.0f} MB free on the disk of {existing}, less than "
+                          f"min_free_disk_mb={min_free_mb} (free space or set --min_free_disk_mb)")
+
+
 def _remove_unfinished_run(run_dir: Optional[Path]) -> None:
     """After a user error, remove the run directory if nothing worth keeping (a checkpoint) was written."""
     if run_dir is None or not run_dir.exists():
@@ -486,6 +550,13 @@ def main(args: Optional[list[str]] = None) -> int:
         os.environ.pop("TUNEFORGE_RUN_DIR", None)
     try:
         TuneforgeCLI(args=args)
+    except SIGTERMException:  # SIGTERM / SIGUSR1: last.ckpt was saved after the running batch
+        run_dir = os.environ.get("TUNEFORGE_RUN_DIR")
+        sys.stderr.write(f"Stopped by a signal; continue with the same command plus --ckpt_path last (run {run_dir})\n")
+        return 0
+    except NonFiniteLossError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
     except Exception as e:
         user_error = _user_error(e)
         if user_error is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from datamodules.readers import DataError, check_data_file, read_records
 
@@ -313,8 +314,8 @@ class TransformerDataModule(LightningDataModule):
         if self.group_by_length:
             sampler: Sampler = LengthGroupedSampler(np.asarray(ds["length"]), self.batch_size)
         else:
-            sampler = torch.utils.data.RandomSampler(range(len(ds)))
-        return self._loader("train", self.batch_size, sampler)
+            sampler = ShuffleSampler(len(ds))
+        return self._loader("train", self.batch_size, sampler, resumable=True)
 
     def val_dataloader(self) -> DataLoader | list:
         # no validation data: an empty list tells Lightning to skip validation
@@ -337,19 +338,21 @@ class TransformerDataModule(LightningDataModule):
                             f"processes; evaluate with fewer devices")
         return self._loader(split, self.eval_batch_size, EvalShardSampler(order, world, self.trainer.global_rank))
 
-    def _loader(self, split: str, batch_size: int, sampler: Any) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Any, resumable: bool = False) -> DataLoader:
         tokenizer = self._get_tokenizer()
         pad = {k: (tokenizer.pad_token_id if v is None else v) for k, v in self.model_input_pad.items()}
         features = BatchFetcher(self.datasets[split], pad, self.extra_batch_columns(split))
         collate = Collator(pad, tokenizer.padding_side, self.pad_to_multiple_of, self.position_columns)
-        return DataLoader(
-            features,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "collate_fn": collate,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            # the loader's own generator seeds workers, so creating an iterator never draws from the global RNG
+            # (a resumed run then sees the same dropout masks as an uninterrupted one)
+            "generator": torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+        }
+        loader = ResumableDataLoader if resumable else DataLoader
+        return loader(features, batch_size=batch_size, sampler=sampler, **common)
 
 
 class BatchFetcher(torch.utils.data.Dataset):
@@ -429,6 +432,8 @@ class LengthGroupedSampler(Sampler[int]):
     The order depends only on the global seed and the epoch (``set_epoch``), so runs repeat exactly.
     """
 
+    skip = 0  # indices to leave out at the start of the next epoch (set once by ResumableDataLoader)
+
     def __init__(self, lengths: np.ndarray, batch_size: int, mega_factor: int = 50, seed: int | None = None) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
@@ -474,3 +479,69 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+
+class ShuffleSampler(RandomSampler):
+    """A random order that depends only on the global seed and the epoch (``set_epoch``), like
+    :class:`LengthGroupedSampler` without the grouping; unlike a plain ``RandomSampler`` it draws nothing
+    from the global RNG, so a resumed run sees the same order."""
+
+    skip = 0  # indices to leave out at the start of the next epoch (set once by ResumableDataLoader)
+
+    def __init__(self, n: int, seed: int | None = None) -> None:
+        super().__init__(range(n))
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data_source))[skip:].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """Training ``DataLoader`` whose place in the epoch travels with the checkpoint.
+
+    Lightning saves ``state_dict()`` of a stateful training loader in every checkpoint and calls
+    ``load_state_dict`` before iterating again, so a run resumed from a mid-epoch checkpoint continues at
+    the next unseen batch of the same epoch's order (not at the start of the epoch). The state is the
+    sampler's epoch and the number of batches handed out in it; the skip applies only to that epoch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def _sampler_epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: this runs at the first batch, after Lightning has set the sampler's epoch
+        epoch, resume = self._sampler_epoch(), self._resume
+        self._resume = None
+        skip = resume["batches"] if resume and resume["epoch"] == epoch and resume["batches"] < len(self) else 0
+        self._epoch, self._served = epoch, skip
+        # our samplers leave out the consumed indices (no rows read); any other (a distributed one): read and drop
+        by_index = hasattr(self.sampler, "skip") and self.batch_size is not None
+        if by_index:
+            self.sampler.skip = skip * self.batch_size
+        iterator = super().__iter__()
+        if not by_index:
+            for _ in itertools.islice(iterator, skip):
+                pass
+        for batch in iterator:
+            self._served += 1
+            yield batch

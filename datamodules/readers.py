@@ -94,6 +94,19 @@ def _read_delimited(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return records, lines
 
 
+def _loads(text: str) -> Any:
+    """``json.loads`` whose other failures (nesting too deep, a number too long for ``int``) are
+    ``JSONDecodeError`` too, so hostile files get the same one-line error as malformed ones."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    except ValueError as e:
+        raise json.JSONDecodeError(str(e).split(";")[0], text, 0) from None
+
+
 def _check_record(path: Path, line: int, obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{line}: expected a JSON object per record, found {type(obj).__name__}")
@@ -106,7 +119,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = _loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: malformed JSON line (column {e.colno}: {e.msg})") from None
         records.append(_check_record(path, i, obj))
@@ -118,12 +131,12 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """A JSON array of records, an object holding one (``{"data": [...]}``), or JSON Lines named .json."""
     text = _read_text(path)
     try:
-        obj = json.loads(text)
+        obj = _loads(text)
     except json.JSONDecodeError as e:
         first_line_end = text.find("\n")
         if first_line_end != -1 and e.lineno > 1:
             try:  # a .json file that is really JSON Lines (as the HF json loader accepts)
-                json.loads(text[:first_line_end])
+                _loads(text[:first_line_end])
                 return _read_jsonl(path)
             except json.JSONDecodeError:
                 pass

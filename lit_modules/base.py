@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message is one line naming the key."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the message names the step, the batch and its examples."""
+
+
 def resolve_model_path(name_or_path: str, key: str = "model.model_name_or_path") -> str:
     """Turn ``pkg:<python_package>/<sub/folder>`` into the folder inside that installed package.
 
@@ -82,6 +86,9 @@ class TransformerModule(LightningModule):
             options; presets in ``configs/peft/``). Only its parameters and the task head are trained,
             and checkpoints hold only those.
         export_merged: with ``peft``, export also ``<export>-merged``: adapters merged into a plain model.
+        skip_nonfinite_loss: a NaN / Inf training loss skips its batch (no backward: the optimizer step finds no
+            gradients and changes nothing, though Lightning counts the step and the schedule advances; counted
+            and logged as ``train/skipped_batches``) instead of stopping the run with an error naming the batch.
     """
 
     peft_task_type: Optional[str] = None  # peft's TaskType for this task (SEQ_CLS, TOKEN_CLS, ...)
@@ -103,6 +110,7 @@ class TransformerModule(LightningModule):
         fused_optimizer: Optional[bool] = None,
         peft: Optional[dict[str, Any]] = None,
         export_merged: bool = False,
+        skip_nonfinite_loss: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # also records the task subclass's arguments
@@ -133,6 +141,8 @@ class TransformerModule(LightningModule):
                                   "be merged into the weights; export the adapter only")
             self.strict_loading = False  # PEFT checkpoints hold only the trained parameters
         self.export_merged = export_merged
+        self.skip_nonfinite_loss = skip_nonfinite_loss
+        self.skipped_batches = 0
         self.model: Any = None  # built in configure_model, once the task knows its head (e.g. the label set)
         self.predictions_file: Optional[str] = None  # set by train.py; default: <run dir>/predictions.jsonl
         self._predictions: list[dict[str, Any]] = []
@@ -205,10 +215,27 @@ class TransformerModule(LightningModule):
     def forward(self, **inputs: torch.Tensor) -> Any:
         return self.model(**inputs)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         loss = self(**self.model_inputs(batch)).loss
+        # decided on every process at once: one process skipping its backward alone would hang DDP
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return self.nonfinite_loss(loss, batch, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def nonfinite_loss(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """A NaN / Inf training loss: stop with the step, batch and example indices, or skip the batch."""
+        examples = batch["idx"].tolist() if "idx" in batch else []
+        shown = ", ".join(map(str, examples[:8])) + (", ..." if len(examples) > 8 else "")
+        where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}; training examples "
+                 f"{shown or '?'})")
+        if not self.skip_nonfinite_loss:
+            raise NonFiniteLossError(f"train/loss is {loss.item()} at {where}; the weights before this batch are "
+                                     "untouched (set model.skip_nonfinite_loss: true to skip such batches)")
+        self.skipped_batches += 1
+        rank_zero_info(f"Skipping the batch at {where}: train/loss is {loss.item()} ({self.skipped_batches} skipped)")
+        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch["input_ids"].shape[0])
+        return None
 
     def stage_metrics(self, stage: str) -> tuple[MeanMetric, MetricCollection]:
         """The loss mean and the metric collection of ``stage`` ("val" or "test")."""

@@ -2,25 +2,85 @@
 
 from __future__ import annotations
 
+import random
+import signal
 import time
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_modules.base import ConfigError
 
 
+def validation_follows(trainer: Trainer) -> bool:
+    """Whether Lightning validates right after the training batch that is ending now.
+
+    A checkpoint written at such a batch end resumes past that validation (Lightning counts it as done),
+    so resumable checkpoints are written after the validation instead.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    try:  # Lightning's own decision (private API; the fallback is the end of the epoch)
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):
+        return bool(loop.batch_progress.is_last_batch)
+
+
 class BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` on the monitored metric, with two safeguards.
+    """``ModelCheckpoint`` on the monitored metric, with two safeguards and resumable step checkpoints.
 
     Without validation data there is nothing to monitor: it then keeps the checkpoint of the last
     epoch and says so. A monitored metric the task never logs fails right after the sanity check
     (before any training) instead of at the end of the first epoch.
+
+    ``every_n_train_steps: N`` writes ``last.ckpt`` every N optimizer steps (and at every validation), for
+    ``fit --ckpt_path last`` to resume from; the best checkpoint is still chosen at validation only (plain
+    ``ModelCheckpoint`` would compare stale validation scores every N steps instead).
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step_interval = self._every_n_train_steps
+        if self.step_interval:
+            self._every_n_train_steps = 0
+            self._every_n_epochs = kwargs.get("every_n_epochs") or 1
+            self.save_last = self.save_last or True
+        self._last_step_checkpoint = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if (not self.step_interval or step % self.step_interval or step == self._last_step_checkpoint
+                or self._should_skip_saving_checkpoint(trainer) or validation_follows(trainer)):
+            return  # (before a validation: last.ckpt is written at its end)
+        saved_before = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_step_checkpoint = step
+        self._last_global_step_saved = saved_before  # a validation at this very step still saves the best
+
+    # weights gone NaN / Inf (an overflow, a bad batch) must never replace a good checkpoint, nor become "best"
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if not self._weights_not_finite(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if not self._weights_not_finite(trainer):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _weights_not_finite(self, trainer: Trainer) -> bool:
+        bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            rank_zero_warn(f"Not saving a checkpoint at step {trainer.global_step}: parameters are not finite"
+                           + (f" ({bad[0]}{' and more' if len(bad) > 1 else ''})" if bad else ""))
+            return True
+        return False
+
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -34,6 +94,19 @@ class BestCheckpoint(ModelCheckpoint):
             logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
             raise ConfigError(f"checkpoint.monitor: '{self.monitor}' is not logged by this task; val metrics: {logged}")
         super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_resume_point(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_resume_point(trainer)
+
+    def _save_resume_point(self, trainer: Trainer) -> None:
+        """With step checkpoints, ``last.ckpt`` after every validation / epoch (Lightning writes it only when
+        the top-k changed)."""
+        if self.step_interval and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RunMetadata(Callback):
@@ -88,3 +161,123 @@ class RunMetadata(Callback):
             if type(logger).__name__ == "WandbLogger":
                 wandb_id = logger.version
         checkpoint["tuneforge"] = {"run_dir": self.run_dir, "wandb_id": wandb_id}
+
+
+class ResumeState(Callback):
+    """What Lightning does not restore for an exact mid-epoch resume: the random number generators and the
+    training loader's place in the epoch.
+
+    The generators (torch, CUDA, numpy, random) are saved with every checkpoint and put back right before
+    the first training batch of a resumed run: loading a checkpoint, building data loaders and the sanity
+    check happen in a different order in a resumed run than at the same point of an uninterrupted one, and
+    the state at the next training step is what has to match (dropout masks, sampling in the model).
+
+    Lightning saves the state of a stateful training loader (``ResumableDataLoader``) in the checkpoint but
+    restores it only when it builds the loader after loading the checkpoint; a module whose
+    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches`` (ours do, to size the schedule)
+    builds it before, and the state would be dropped. It is handed to the loader at ``on_train_start``,
+    before the first batch is drawn.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, Any]] = None
+        self._loader_states: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        states, self._loader_states = self._loader_states, []
+        if not states:
+            return
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else \
+            list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        stateful = [dl for dl in loaders if hasattr(dl, "load_state_dict") and hasattr(dl, "state_dict")]
+        if len(stateful) == len(states):
+            for loader, state in zip(stateful, states):
+                loader.load_state_dict(state)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # plain tensors and ints only, so checkpoints still load with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, state, gauss_py = random.getstate()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": version, "state": list(state), "gauss": gauss_py},
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pending = checkpoint.get("rng_states")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states = list(fit_loop.get("state_dict", {}).get("combined_loader", []))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        torch.set_rng_state(states["torch"].cpu())
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+        n = states["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        p = states["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+class Preemption(Callback):
+    """SIGTERM and SIGUSR1 stop training after the running batch, with ``last.ckpt`` saved for ``--ckpt_path last``.
+
+    The checkpoint is written at the end of a training batch that no validation follows (the same place
+    step checkpoints are written; when one follows, after the next batch), so the resumed run continues
+    exactly (Lightning's own SIGTERM handling may stop in the middle of a validation, from which a run does
+    not resume exactly). All processes stop at the same batch. Then
+    ``SIGTERMException`` ends ``fit`` and train.py exits with code 0 and a resume hint. Under SLURM with
+    auto-requeue Lightning's handlers stay in charge (an HPC checkpoint and ``scontrol requeue``).
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after Lightning registered its handlers (they run between on_fit_start and on_train_start)
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            return
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                return
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False) \
+                or validation_follows(trainer):
+            return
+        ckpt = trainer.checkpoint_callback
+        dirpath = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        path = dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        if isinstance(ckpt, ModelCheckpoint):
+            ckpt.last_model_path = str(path)
+        name = signal.Signals(self.received).name if self.received is not None else "a signal on another process"
+        rank_zero_info(f"Stopped by {name} at step {trainer.global_step}: saved {path} (continue with `fit --ckpt_path last`)")
+        raise SIGTERMException()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
