@@ -87,10 +87,11 @@ def summarize(run: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def differing(configs: list[dict[str, Any]]) -> list[str]:
-    """Config keys whose values differ between runs (run-specific paths left out)."""
+    """Config keys whose values differ between runs (run-specific paths and the published-results block left out)."""
     skip = ("trainer.default_root_dir", "checkpoint.dirpath", "trainer.logger.save_dir", "output_dir")
     keys = sorted({k for c in configs for k in c})
-    return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1 and not k.endswith(skip)]
+    return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1 and not k.endswith(skip)
+            and not k.startswith("reference.")]
 
 
 def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -157,3 +157,10 @@ def test_sweep_files_validate_and_their_command_parses(sweep: Path, capsys: pyte
         expected = spec["values"][-1] if "values" in spec else spec["max"]
         assert node == pytest.approx(expected)
     assert printed["checkpoint"]["monitor"] == config["metric"]["name"]
+
+
+def test_compare_leaves_out_run_paths_and_the_reference_block() -> None:
+    from experiments.compare import differing
+
+    configs = [{"model.learning_rate": lr, "output_dir": f"/tmp/{lr}", "reference.published": [lr]} for lr in (1e-3, 3e-4)]
+    assert differing(configs) == ["model.learning_rate"]
