@@ -402,7 +402,7 @@ class TransformerModule(LightningModule):
 
     @rank_zero_only
     def _write_predictions(self, rows: list[dict[str, Any]]) -> None:
-        by_idx = {r["idx"]: r for r in rows}  # samplers may repeat examples to even out processes
+        by_idx = {r["idx"]: r for r in rows}  # rows come per process in length order: restore input order
         dm = self.trainer.datamodule
         inputs = dm.datasets["predict"] if dm is not None else None
         out = []

@@ -128,12 +128,14 @@ class RunMetadata(Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
         return time.perf_counter()
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # a run resumed in the middle of an epoch starts counting here (no epoch start hook runs first)
+    def _start_counting(self, trainer: Trainer) -> None:
         self._epoch_start, self._epoch_samples, self._val_seconds = self._now(trainer), 0, 0.0
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_counting(trainer)  # a run resumed mid-epoch gets no epoch-start hook first
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch_start, self._epoch_samples, self._val_seconds = self._now(trainer), 0, 0.0
+        self._start_counting(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
