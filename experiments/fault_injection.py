@@ -1,6 +1,6 @@
 """Fault injection: kill a real training run with SIGKILL at random points, resume it, and compare.
 
-    python -m experiments.fault_injection [--kills 3] [--seed 0] [--peft lora] [--workdir DIR]
+    python -m experiments.fault_injection [--kills 3] [--seed 0] [--peft lora|adalora] [--workdir DIR]
 
 Builds a tiny random BERT (no download), then runs ``train.py fit`` on the quickstart sentiment data
 (dropout on, length-grouped batches, step checkpoints every ``--every`` optimizer steps) twice:
@@ -84,9 +84,16 @@ def write_experiment(path: Path, model: Path, max_train_samples: int, batch_size
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}},
         "checkpoint": {"monitor": "val/accuracy", "mode": "max"},
     }
-    if peft:
-        cfg["model"]["init_args"]["peft"] = {"peft_type": peft.upper(), "r": 4, "lora_alpha": 8,
+    if peft == "lora":
+        cfg["model"]["init_args"]["peft"] = {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                              "target_modules": ["query", "value"]}
+    elif peft == "adalora":
+        # all three phases of the rank schedule within the run: warmup (tinit), budget reduction with masking
+        # every step, and the final steps (tfinal) that re-apply the final rank pattern
+        steps = -(-max_train_samples // batch_size) * epochs
+        cfg["model"]["init_args"]["peft"] = {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "lora_alpha": 8,
+                                             "target_modules": ["query", "value"], "tinit": max(1, steps // 6),
+                                             "tfinal": max(1, steps // 4), "deltaT": 1}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
@@ -119,7 +126,7 @@ def _equal(a: Any, b: Any) -> bool:
 def compare(ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
     """Differences between the final states of two runs (empty: identical)."""
     diffs = []
-    for key in ("global_step", "epoch", "state_dict", "optimizer_states", "lr_schedulers"):
+    for key in ("global_step", "epoch", "state_dict", "optimizer_states", "lr_schedulers", "adalora"):
         if not _equal(ref["ckpt"].get(key), got["ckpt"].get(key)):
             diffs.append(f"last.ckpt {key} differs")
     ra, rb = ref["results"], got["results"]
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--signals", default="SIGKILL",
                         help="comma-separated signals used in turn (SIGKILL, SIGTERM, SIGUSR1)")
-    parser.add_argument("--peft", choices=["lora"], default=None, help="train LoRA adapters instead of all weights")
+    parser.add_argument("--peft", choices=["lora", "adalora"], default=None,
+                        help="train LoRA / AdaLoRA adapters instead of all weights")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: a tiny random BERT)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
     opts = parser.parse_args(argv)

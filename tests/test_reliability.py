@@ -33,6 +33,68 @@ def test_fault_injection_resume_is_exact(tmp_path: Path) -> None:
     assert "IDENTICAL after 2 kill(s)" in proc.stdout
 
 
+def test_fault_injection_adalora_resume_is_exact(tmp_path: Path) -> None:
+    """AdaLoRA: killed in the budget-reduction phase (step 5) and in the final phase (step 7, which re-applies the
+    final rank pattern: a run that lost it crashes), resumed each time; identical to an uninterrupted run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_RUN_DIR", "LOCAL_RANK"))}
+    proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--peft", "adalora", "--kills", "2",
+                           "--epochs", "2", "--max_train_samples", "32", "--every", "1", "--seed", "0",
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "kill 1: SIGKILL at step 5" in proc.stdout and "kill 2: SIGKILL at step 7" in proc.stdout
+    assert "IDENTICAL after 2 kill(s)" in proc.stdout
+
+
+class AdaLoraProbe(Callback):
+    """Test probe: saves a checkpoint after optimizer step ``save_at``; copies the AdaLoRA rank allocator's
+    statistics after step ``probe_at``."""
+
+    def __init__(self, probe_at: int, save_at: int = -1, path: Path | None = None) -> None:
+        self.probe_at, self.save_at, self.path = probe_at, save_at, path
+        self.seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        from lit_modules.peft_support import ADALORA_STATISTICS, adalora_allocator
+
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.path)
+        if trainer.global_step == self.probe_at:
+            allocator = adalora_allocator(pl_module.model)
+            self.seen = {k: {n: t.clone() for n, t in getattr(allocator, k).items()} for k in ADALORA_STATISTICS}
+
+
+def test_adalora_statistics_travel_with_the_checkpoint(tiny_bert: Path, tmp_path: Path) -> None:
+    """The rank allocator's importance statistics (outside the state dict) are saved and restored: the step after
+    a resume updates them exactly as the uninterrupted run does (starting them from zero would not)."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from datamodules.text_classification import TextClassificationDataModule
+    from lit_modules.callbacks import ResumeState
+
+    def fit(probe: AdaLoraProbe, ckpt: Path | None = None) -> None:
+        seed_everything(0, verbose=False)
+        model = TextClassificationModule(model_name_or_path=str(tiny_bert), learning_rate=1e-2, peft={
+            "peft_type": "ADALORA", "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1,
+            "target_modules": ["query", "value"]})
+        dm = TextClassificationDataModule(train_file=str(ROOT / "experiments/data/sentiment/train.jsonl"),
+                                          batch_size=8, max_train_samples=32, cache_dir=str(tmp_path / "cache"))
+        Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ResumeState(), probe],
+                ).fit(model, dm, ckpt_path=ckpt)
+
+    ckpt = tmp_path / "step3.ckpt"
+    whole = AdaLoraProbe(probe_at=4, save_at=3, path=ckpt)
+    fit(whole)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["adalora"]
+    assert saved["ipt"] and set(saved["ipt"]) == set(whole.seen["ipt"])  # one tensor per AdaLoRA parameter
+    assert saved["rank_pattern"] and all(isinstance(b, bool) for bits in saved["rank_pattern"].values() for b in bits)
+    resumed = AdaLoraProbe(probe_at=4)
+    fit(resumed, ckpt)
+    for key, tensors in whole.seen.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(resumed.seen[key][name], tensor), (key, name)
+
+
 def _batches(loader: ResumableDataLoader, epoch: int) -> list[list[int]]:
     loader.sampler.set_epoch(epoch)
     return [b.tolist() for b in loader]
