@@ -22,9 +22,28 @@ from tests.conftest import ROOT, results, run_train, run_train_subprocess, write
 
 # ---- A: exact resume -------------------------------------------------------------------------------
 
+def _clean_env() -> dict[str, str]:
+    """The environment without what an in-process run (or a DDP launch) of an earlier test left behind."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_RUN_DIR", "LOCAL_RANK", "RANK",
+                                                                     "WORLD_SIZE", "MASTER_", "NODE_RANK", "PL_"))}
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes() and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def test_fault_injection_resume_is_exact(tmp_path: Path) -> None:
     """experiments/fault_injection.py: a SIGKILL and a SIGTERM mid-run, resumed; identical to an uninterrupted run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_RUN_DIR", "LOCAL_RANK"))}
+    env = _clean_env()
     proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--kills", "2", "--signals",
                            "SIGKILL,SIGTERM", "--epochs", "2", "--max_train_samples", "32", "--every", "2", "--seed", "1",
                            "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -36,13 +55,43 @@ def test_fault_injection_resume_is_exact(tmp_path: Path) -> None:
 def test_fault_injection_adalora_resume_is_exact(tmp_path: Path) -> None:
     """AdaLoRA: killed in the budget-reduction phase (step 5) and in the final phase (step 7, which re-applies the
     final rank pattern: a run that lost it crashes), resumed each time; identical to an uninterrupted run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_RUN_DIR", "LOCAL_RANK"))}
     proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--peft", "adalora", "--kills", "2",
                            "--epochs", "2", "--max_train_samples", "32", "--every", "1", "--seed", "0",
-                           "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "kill 1: SIGKILL at step 5" in proc.stdout and "kill 2: SIGKILL at step 7" in proc.stdout
     assert "IDENTICAL after 2 kill(s)" in proc.stdout
+
+
+def test_fault_injection_ddp_resume_is_exact(tmp_path: Path) -> None:
+    """2 processes (DDP over gloo): rank 0 SIGKILLed (rank 1 must not outlive it), then a SIGTERM to rank 1 alone
+    (both stop at the same batch); resumed each time, identical to an uninterrupted 2-process run."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--trainer_config",
+                           str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml"), "--kills", "2", "--signals",
+                           "SIGKILL,SIGTERM", "--epochs", "2", "--max_train_samples", "64", "--every", "2", "--seed", "1",
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "reference run: 8 steps on 2 processes" in proc.stdout
+    assert "kill 1: SIGKILL on rank 0 at step 3" in proc.stdout and "kill 2: SIGTERM on rank 1 at step 4" in proc.stdout
+    assert "IDENTICAL after 2 kill(s)" in proc.stdout
+    assert not _processes_mentioning(str(tmp_path))  # no rank of any launch is left running
+
+
+def test_fault_injection_kills_what_outlives_the_launcher(tmp_path: Path) -> None:
+    """A launcher that exits while a process it started lives on (a DDP rank orphaned by its rank 0): killed."""
+    from experiments.fault_injection import _end_group, _group_members
+
+    marker = str(tmp_path / "orphan")
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+                             f"'import time; time.sleep(600)', {marker!r}]); print('started', flush=True)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "started"
+    assert proc.wait(timeout=60) == 0
+    assert _processes_mentioning(marker)  # the launcher is gone, its child is not
+    assert _end_group(proc.pid, grace=0.5) == 1
+    assert not _processes_mentioning(marker) and not _group_members(proc.pid)
 
 
 class AdaLoraProbe(Callback):
