@@ -16,8 +16,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from datamodules.base import LengthGroupedSampler, ResumableDataLoader, ShuffleSampler
+from datamodules.text_classification import TextClassificationDataModule
 from lit_modules.text_classification import TextClassificationModule
-from tests.conftest import ROOT, results, run_train, run_train_subprocess, write_experiment
+from tests.conftest import ROOT, SENTIMENT, results, run_train, run_train_subprocess, write_experiment
 
 
 # ---- A: exact resume -------------------------------------------------------------------------------
@@ -125,8 +126,8 @@ def test_adalora_statistics_travel_with_the_checkpoint(tiny_bert: Path, tmp_path
         model = TextClassificationModule(model_name_or_path=str(tiny_bert), learning_rate=1e-2, peft={
             "peft_type": "ADALORA", "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1,
             "target_modules": ["query", "value"]})
-        dm = TextClassificationDataModule(train_file=str(ROOT / "experiments/data/sentiment/train.jsonl"),
-                                          batch_size=8, max_train_samples=32, cache_dir=str(tmp_path / "cache"))
+        dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=8, max_train_samples=32,
+                                          cache_dir=str(tmp_path / "cache"))
         Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ResumeState(), probe],
                 ).fit(model, dm, ckpt_path=ckpt)
@@ -398,3 +399,75 @@ def test_api_key_with_unreachable_server_never_leaks(tiny_bert: Path, tmp_path: 
     leaked = [p for p in files if key.encode() in p.read_bytes()]
     assert not leaked
     assert key not in proc.stdout + proc.stderr
+
+
+# ---- H: signals while the data are tokenised -------------------------------------------------------
+
+class SlowTokenising(TextClassificationDataModule):
+    """Test data module: once the cache's temporary file exists (``datasets`` creates it after the first batch of
+    1000 rows), it lists the cache folder into ``$SLOW_TOKENISING_MARKER`` and tokenising each batch takes
+    ``$SLOW_TOKENISING`` seconds, as for a large corpus."""
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        folder = self.cache_dir / self.task_name
+        if any(p.name.startswith("tmp") for p in folder.iterdir()):
+            marker = Path(os.environ["SLOW_TOKENISING_MARKER"])
+            if not marker.exists():
+                marker.write_text("\n".join(sorted(p.name for p in folder.iterdir())))
+            time.sleep(float(os.environ.get("SLOW_TOKENISING", "0")))
+        return super().encode(batch)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_signal_while_tokenising_leaves_no_partial_cache(name: str, tiny_bert: Path, tmp_path: Path) -> None:
+    """A real signal to train.py while its cache is half-written: one line, exit 128 + signal, the temporary file
+    gone, no run directory; the same command then tokenises afresh and trains."""
+    train = tmp_path / "train.jsonl"
+    train.write_text((SENTIMENT / "train.jsonl").read_text() * 3)  # 1,500 rows: two tokenising batches
+    cache, marker, runs = tmp_path / "cache", tmp_path / "marker", tmp_path / "runs"
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, data={"train_file": str(train), "cache_dir": str(cache)},
+                           trainer={"max_steps": 2, "limit_val_batches": 1})
+    exp.write_text(exp.read_text().replace("datamodules.text_classification.TextClassificationDataModule",
+                                           "tests.test_reliability.SlowTokenising"))
+    command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(exp), "--output_dir", str(runs),
+               "--export", "false", "--test_after_fit", "false", "--min_free_disk_mb", "0"]
+    env = {**_clean_env(), "WANDB_MODE": "disabled", "SLOW_TOKENISING_MARKER": str(marker)}
+    proc = subprocess.Popen(command, cwd=ROOT, env={**env, "SLOW_TOKENISING": "120"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no marker"
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, name), err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"error: {name} while preparing the data: stopped, and no partly written "
+                                            "tokenised cache was kept (the same command starts over)")
+    assert any(n.startswith("tmp") for n in marker.read_text().split())  # the signal came while one was half-written
+    assert list((cache / "text_classification").iterdir()) == []  # and it is gone
+    assert not runs.exists() or not any(runs.rglob("*.*"))
+
+    if name == "SIGTERM":  # the same command again: tokenised afresh (nothing partial to load), then trained
+        marker.unlink()
+        rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "Tokenised 1500 train examples" in rerun.stdout + rerun.stderr
+        files = sorted(p.name for p in (cache / "text_classification").iterdir())
+        assert [f.split("-")[0] for f in files] == ["train", "validation"]
+
+
+def test_overwrite_cache_tokenises_again(tiny_bert: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    def prepared(overwrite: bool) -> Path:
+        dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), cache_dir=str(tmp_path),
+                                          overwrite_cache=overwrite)
+        dm.attach_tokenizer(AutoTokenizer.from_pretrained(tiny_bert))
+        dm.prepare_data()
+        return dm._cache_path("train")
+
+    path = prepared(False)
+    first = path.stat().st_ino, path.stat().st_mtime_ns
+    assert prepared(False).stat().st_ino == first[0]  # reused
+    prepared(True)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) != first  # a new file in its place
