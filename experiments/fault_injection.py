@@ -1,6 +1,7 @@
 """Fault injection: kill a real training run with SIGKILL at random points, resume it, and compare.
 
-    python -m experiments.fault_injection [--kills 3] [--seed 0] [--peft lora|adalora] [--workdir DIR]
+    python -m experiments.fault_injection [--kills 3] [--seed 0] [--peft lora|adalora]
+        [--trainer_config configs/trainer/ddp_cpu.yaml] [--workdir DIR]
 
 Builds a tiny random BERT (no download), then runs ``train.py fit`` on the quickstart sentiment data
 (dropout on, length-grouped batches, step checkpoints every ``--every`` optimizer steps) twice:
@@ -12,8 +13,12 @@ Builds a tiny random BERT (no download), then runs ``train.py fit`` on the quick
 
 The kill comes from inside the process (``os.kill(os.getpid(), SIGKILL)`` from a callback added on the
 command line) so the point is exact and the script repeatable; nothing of train.py knows about it.
-The two runs must end with identical weights, optimizer and scheduler states, best validation score
-and test metrics; the script prints the comparison and exits 1 on any difference.
+With a multi-process trainer preset (``--trainer_config configs/trainer/ddp_cpu.yaml``: DDP, 2 CPU
+processes) both runs use it and each kill hits one random rank; the others must end too. Every launch
+runs in a process group of its own, and whatever of it outlives the launcher is killed and counted.
+The two runs must end with identical weights, optimizer and scheduler states (and AdaLoRA's rank
+allocator state), best validation score and test metrics; the script prints the comparison and exits 1
+on any difference.
 """
 
 from __future__ import annotations
