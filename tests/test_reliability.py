@@ -80,6 +80,7 @@ def test_fault_injection_ddp_resume_is_exact(tmp_path: Path) -> None:
     assert not _processes_mentioning(str(tmp_path))  # no rank of any launch is left running
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process groups from /proc (Linux)")
 def test_fault_injection_kills_what_outlives_the_launcher(tmp_path: Path) -> None:
     """A launcher that exits while a process it started lives on (a DDP rank orphaned by its rank 0): killed."""
     from experiments.fault_injection import _end_group, _group_members
