@@ -37,7 +37,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from datamodules.base import TransformerDataModule  # noqa: E402
+from datamodules.base import PreparationInterrupted, TransformerDataModule  # noqa: E402
 from datamodules.readers import DataError  # noqa: E402
 from lit_modules.base import ConfigError, NonFiniteLossError, TransformerModule  # noqa: E402
 from lit_modules.callbacks import BestCheckpoint, Preemption, ResumeState, RunMetadata  # noqa: E402
@@ -557,6 +557,10 @@ def main(args: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
+    except PreparationInterrupted as e:  # SIGINT / SIGTERM before training: nothing worth keeping was written
+        sys.stderr.write(f"error: {e}\n")
+        _remove_unfinished_run(Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None)
+        return 128 + e.signum
     except Exception as e:
         user_error = _user_error(e)
         if user_error is None:

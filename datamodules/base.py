@@ -12,10 +12,13 @@ evaluation batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import itertools
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +41,46 @@ STAGE_SPLITS = {
     TrainerFn.PREDICTING: ("predict",),
 }
 CACHE_FORMAT_VERSION = 1
+
+
+class PreparationInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived while the data were read or tokenised (before training); no partial cache is kept.
+
+    train.py ends with its message as one line and exit code 128 + the signal number (130 / 143).
+    """
+
+    def __init__(self, signum: int, stage: str) -> None:
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} while {stage}: stopped, and no partly written tokenised "
+                         "cache was kept (the same command starts over)")
+
+
+class _Signalled(KeyboardInterrupt):
+    """Raised by the signal handler inside :func:`_signals_interrupt`: a KeyboardInterrupt, which ``datasets``
+    cleans up after (it removes its temporary cache file) and which no ``except Exception`` swallows."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt(stage: str) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM (whose default would end the process at once, leaving the
+    temporary file of a half-written cache behind) interrupt it and raise :class:`PreparationInterrupted`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
+        raise _Signalled(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Signalled as e:
+        raise PreparationInterrupted(e.args[0], stage) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def default_cache_dir() -> Path:
@@ -286,6 +329,7 @@ class TransformerDataModule(LightningDataModule):
             batched=True,
             batch_size=1000,
             cache_file_name=str(path),  # datasets writes a temporary file and renames it: never half-written
+            load_from_cache_file=False,  # decided above (datasets would otherwise reuse the file overwrite_cache replaces)
             desc=f"Tokenising {split}",
         )
         rank_zero_info(f"Tokenised {len(features)} {split} examples from {self._source_name(split)} -> {path}")
@@ -300,14 +344,16 @@ class TransformerDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Read and tokenise every split this run needs, once (Lightning calls this on one process)."""
-        for split in self._stage_splits(None):
-            self._load_split(split, build=True)
+        with _signals_interrupt("preparing the data"):
+            for split in self._stage_splits(None):
+                self._load_split(split, build=True)
 
     def setup(self, stage: str | None = None) -> None:
-        for split in self._stage_splits(stage):
-            # prepare_data ran on global rank 0 only; without a trainer (tests, notebooks) build here
-            self.datasets[split] = self._load_split(split, build=self.trainer is None or self.trainer.world_size == 1)
-        self.on_features_ready(stage)
+        with _signals_interrupt("preparing the data"):
+            for split in self._stage_splits(stage):
+                # prepare_data ran on global rank 0 only; without a trainer (tests, notebooks) build here
+                self.datasets[split] = self._load_split(split, build=self.trainer is None or self.trainer.world_size == 1)
+            self.on_features_ready(stage)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]

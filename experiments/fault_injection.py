@@ -1,6 +1,7 @@
 """Fault injection: kill a real training run with SIGKILL at random points, resume it, and compare.
 
-    python -m experiments.fault_injection [--kills 3] [--seed 0] [--peft lora] [--workdir DIR]
+    python -m experiments.fault_injection [--kills 3] [--seed 0] [--peft lora|adalora]
+        [--trainer_config configs/trainer/ddp_cpu.yaml] [--workdir DIR]
 
 Builds a tiny random BERT (no download), then runs ``train.py fit`` on the quickstart sentiment data
 (dropout on, length-grouped batches, step checkpoints every ``--every`` optimizer steps) twice:
@@ -12,8 +13,12 @@ Builds a tiny random BERT (no download), then runs ``train.py fit`` on the quick
 
 The kill comes from inside the process (``os.kill(os.getpid(), SIGKILL)`` from a callback added on the
 command line) so the point is exact and the script repeatable; nothing of train.py knows about it.
-The two runs must end with identical weights, optimizer and scheduler states, best validation score
-and test metrics; the script prints the comparison and exits 1 on any difference.
+With a multi-process trainer preset (``--trainer_config configs/trainer/ddp_cpu.yaml``: DDP, 2 CPU
+processes) both runs use it and each kill hits one random rank; the others must end too. Every launch
+runs in a process group of its own, and whatever of it outlives the launcher is killed and counted.
+The two runs must end with identical weights, optimizer and scheduler states (and AdaLoRA's rank
+allocator state), best validation score and test metrics; the script prints the comparison and exits 1
+on any difference.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_validation_batch_start")
@@ -41,17 +47,22 @@ except ImportError:  # pragma: no cover - the script needs lightning anyway
 
 class KillAt(Callback):
     """Send ``signal`` (SIGKILL, or SIGTERM / SIGUSR1 for a preemption) to this process when ``hook`` runs at
-    optimizer step ``step`` or later (a test fault, never a real one); once per process."""
+    optimizer step ``step`` or later (a test fault, never a real one); once per process. ``rank``: only in the
+    process of that global rank (a distributed run loses one process; the others must notice)."""
 
-    def __init__(self, step: int, hook: str = "on_train_batch_start", signal: str = "SIGKILL") -> None:
+    def __init__(self, step: int, hook: str = "on_train_batch_start", signal: str = "SIGKILL",
+                 rank: Optional[int] = None) -> None:
         if hook not in HOOKS:
             raise ValueError(f"hook: expected one of {HOOKS}, got {hook!r}")
         self.step = step
         self.hook = hook
         self.signal = signal
+        self.rank = rank
         self.sent = False
 
     def _maybe_kill(self, trainer: Any, hook: str) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if hook == self.hook and trainer.global_step >= self.step and not trainer.sanity_checking and not self.sent:
             self.sent = True
             sys.stdout.flush()
@@ -68,7 +79,7 @@ class KillAt(Callback):
 
 
 def write_experiment(path: Path, model: Path, max_train_samples: int, batch_size: int, epochs: int,
-                     peft: str | None) -> Path:
+                     peft: str | None, steps: int) -> Path:
     import yaml
 
     data = ROOT / "experiments" / "data" / "sentiment"
@@ -84,16 +95,100 @@ def write_experiment(path: Path, model: Path, max_train_samples: int, batch_size
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}},
         "checkpoint": {"monitor": "val/accuracy", "mode": "max"},
     }
-    if peft:
-        cfg["model"]["init_args"]["peft"] = {"peft_type": peft.upper(), "r": 4, "lora_alpha": 8,
+    if peft == "lora":
+        cfg["model"]["init_args"]["peft"] = {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                              "target_modules": ["query", "value"]}
+    elif peft == "adalora":
+        # all three phases of the rank schedule within the run: warmup (tinit), budget reduction with masking
+        # every step, and the final steps (tfinal) that re-apply the final rank pattern
+        cfg["model"]["init_args"]["peft"] = {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "lora_alpha": 8,
+                                             "target_modules": ["query", "value"], "tinit": max(1, steps // 6),
+                                             "tfinal": max(1, steps // 4), "deltaT": 1}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
 
-def train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
+@dataclass
+class Launch:
+    """How one ``train.py`` launch ended: the launcher's exit code, its output (all ranks), and how many processes
+    of its group were still alive after it and had to be killed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    orphans: int
+
+
+def train(args: list[str], env: dict[str, str], log: Path, grace: float = 20.0) -> Launch:
+    """Run ``train.py`` in a process group of its own and wait for it (the launcher: rank 0 of a DDP run).
+
+    Lightning starts the other DDP ranks as children in the same group; when a SIGKILL takes rank 0, a child can
+    be left waiting in a collective. Whatever of the group is still alive ``grace`` seconds after the launcher
+    ended is killed (and counted), so no launch leaves processes behind.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out, err = log.with_suffix(".out"), log.with_suffix(".err")
+    with open(out, "w") as fo, open(err, "w") as fe:  # files, not pipes: an orphan holding a pipe would block us
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=fo,
+                                stderr=fe, start_new_session=True)
+        try:
+            code = proc.wait(timeout=1800)
+        finally:
+            orphans = _end_group(proc.pid, grace)
+    return Launch(code, out.read_text(errors="replace"), err.read_text(errors="replace"), orphans)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid`` (Linux /proc; elsewhere: the group id if it exists)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(entry.name))
+    return members
+
+
+def _end_group(pgid: int, grace: float) -> int:
+    """Wait up to ``grace`` seconds for the rest of the group to exit, then SIGKILL it; returns how many were killed."""
+    deadline = time.time() + grace
+    while _group_members(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _group_members(pgid)
+    if left:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return 0
+        deadline = time.time() + 10
+        while _group_members(pgid) and time.time() < deadline:
+            time.sleep(0.1)
+        if _group_members(pgid):
+            raise RuntimeError(f"processes {_group_members(pgid)} of group {pgid} survived SIGKILL")
+    return len(left)
+
+
+def processes(trainer_config: Optional[Path]) -> int:
+    """How many processes a trainer preset starts (``devices`` x ``num_nodes``; 1 when it does not say)."""
+    if trainer_config is None:
+        return 1
+    import yaml
+
+    trainer = (yaml.safe_load(trainer_config.read_text()) or {}).get("trainer", {})
+    devices = trainer.get("devices", 1)
+    devices = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+    return devices * int(trainer.get("num_nodes", 1) or 1)
 
 
 def final_state(run_dir: Path) -> dict[str, Any]:
@@ -119,7 +214,7 @@ def _equal(a: Any, b: Any) -> bool:
 def compare(ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
     """Differences between the final states of two runs (empty: identical)."""
     diffs = []
-    for key in ("global_step", "epoch", "state_dict", "optimizer_states", "lr_schedulers"):
+    for key in ("global_step", "epoch", "state_dict", "optimizer_states", "lr_schedulers", "adalora"):
         if not _equal(ref["ckpt"].get(key), got["ckpt"].get(key)):
             diffs.append(f"last.ckpt {key} differs")
     ra, rb = ref["results"], got["results"]
@@ -143,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--signals", default="SIGKILL",
                         help="comma-separated signals used in turn (SIGKILL, SIGTERM, SIGUSR1)")
-    parser.add_argument("--peft", choices=["lora"], default=None, help="train LoRA adapters instead of all weights")
+    parser.add_argument("--peft", choices=["lora", "adalora"], default=None,
+                        help="train LoRA / AdaLoRA adapters instead of all weights")
+    parser.add_argument("--trainer_config", type=Path, default=None,
+                        help="a trainer preset for both runs, e.g. configs/trainer/ddp_cpu.yaml (2 processes); "
+                             "a kill then hits one random rank")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: a tiny random BERT)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
     opts = parser.parse_args(argv)
@@ -151,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = opts.workdir or Path(tempfile.mkdtemp(prefix="fault-injection-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TUNEFORGE_RUN_DIR", "LOCAL_RANK"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TUNEFORGE_RUN_DIR", "LOCAL_RANK", "RANK",
+                                                                     "WORLD_SIZE", "MASTER_", "NODE_RANK", "PL_"))}
     env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "TUNEFORGE_CACHE": env.get("TUNEFORGE_CACHE", str(work / "cache"))})
     model = opts.model
@@ -161,18 +261,25 @@ def main(argv: list[str] | None = None) -> int:
 
         model = build_tiny_bert(work / "tiny_bert", corpus_words(), hidden_dropout_prob=0.1,
                                 attention_probs_dropout_prob=0.1)
-    exp = write_experiment(work / "exp.yaml", model, opts.max_train_samples, opts.batch_size, opts.epochs, opts.peft)
-    steps_per_epoch = -(-opts.max_train_samples // opts.batch_size)
+    world = processes(opts.trainer_config)
+    per_process = -(-opts.max_train_samples // world)  # the distributed sampler pads the epoch to a multiple of world
+    steps_per_epoch = -(-per_process // opts.batch_size)
     total = steps_per_epoch * opts.epochs
-    common = ["fit", "--config", str(exp), "--export", "false", "--run_name", "fault",
+    exp = write_experiment(work / "exp.yaml", model, opts.max_train_samples, opts.batch_size, opts.epochs, opts.peft,
+                           total)
+    preset = ["--config", str(opts.trainer_config.resolve())] if opts.trainer_config else []
+    common = ["fit", "--config", str(exp), *preset, "--export", "false", "--run_name", "fault",
               "--checkpoint.every_n_train_steps", str(opts.every), "--min_free_disk_mb", "0"]
+    logs = work / "logs"
+    orphans = 0
 
     t0 = time.time()
-    proc = train([*common, "--output_dir", str(work / "reference")], env)
+    proc = train([*common, "--output_dir", str(work / "reference")], env, logs / "reference")
+    orphans += proc.orphans
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
-    print(f"reference run: {total} steps in {time.time() - t0:.0f} s")
+    print(f"reference run: {total} steps{f' on {world} processes' if world > 1 else ''} in {time.time() - t0:.0f} s")
 
     rng = random.Random(opts.seed)
     candidates = list(range(opts.every + 1, total))
@@ -186,27 +293,37 @@ def main(argv: list[str] | None = None) -> int:
         if hook == "on_validation_batch_start":
             step = max(opts.every + 1, step - step % steps_per_epoch)  # validation runs at epoch ends
             step = max(step, kills[i - 1] + 1) if i else step
-        callback = json.dumps({"class_path": "experiments.fault_injection.KillAt", "init_args": {"step": step, "hook": hook,
-                                                                                         "signal": sig}})
+        rank = rng.randrange(world) if world > 1 else None
+        callback = json.dumps({"class_path": "experiments.fault_injection.KillAt",
+                               "init_args": {"step": step, "hook": hook, "signal": sig, "rank": rank}})
         resume = ["--ckpt_path", "last"] if i else []
-        proc = train([*common, *out, *resume, f"--trainer.callbacks+={callback}"], env)
+        proc = train([*common, *out, *resume, f"--trainer.callbacks+={callback}"], env, logs / f"kill{i + 1}")
+        orphans += proc.orphans
         # SIGKILL: the process dies at once; SIGTERM / SIGUSR1: it saves last.ckpt after the batch and exits 0
-        # (a signal during the very last validation lets the run finish: there is no training left to stop)
-        expected = -signal.SIGKILL if sig == "SIGKILL" else 0
+        # (a signal during the very last validation lets the run finish: there is no training left to stop).
+        # Under DDP a SIGKILLed rank takes the launcher down with it: killed by Lightning (-9), or an error (1)
+        # from the collective the lost rank never joins.
+        if sig == "SIGKILL":
+            acted = proc.returncode == -signal.SIGKILL if world == 1 else proc.returncode != 0
+        else:
+            acted = proc.returncode == 0 and "Stopped by a signal" in proc.stderr
         finished = proc.returncode == 0 and (work / "faulted" / "fault").is_dir() and \
             any((work / "faulted" / "fault").glob("*/results.json"))
         if sig != "SIGKILL" and finished and "Stopped by a signal" not in proc.stderr:
             print(f"kill {i + 1}: {sig} at step {step} in {hook} came after the last training step; the run finished")
             break
-        if proc.returncode != expected or (sig != "SIGKILL" and "Stopped by a signal" not in proc.stderr):
+        if not acted:
             print(f"{sig} {i + 1} at step {step} ({hook}) did not act: exit {proc.returncode}\n{proc.stderr[-3000:]}",
                   file=sys.stderr)
             return 1
         last = next((work / "faulted" / "fault").glob("*/checkpoints/last.ckpt"), None)
         resumed_from = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last else None
-        print(f"kill {i + 1}: {sig} at step {step} in {hook}; newest checkpoint: step {resumed_from}")
+        where = f" on rank {rank}" if rank is not None else ""
+        print(f"kill {i + 1}: {sig}{where} at step {step} in {hook}; exit {proc.returncode}; newest checkpoint: "
+              f"step {resumed_from}")
     else:
-        proc = train([*common, *out, "--ckpt_path", "last"], env)
+        proc = train([*common, *out, "--ckpt_path", "last"], env, logs / "final")
+        orphans += proc.orphans
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
@@ -225,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"IDENTICAL after {opts.kills} kill(s) ({opts.signals}) and resumes: weights, optimizer, scheduler, best score, "
           f"test metrics ({time.time() - t0:.0f} s, work dir {work})")
+    if world > 1:
+        print(f"processes left behind by a launch and killed: {orphans}; none remain")
     return 0
 
 

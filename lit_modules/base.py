@@ -143,6 +143,7 @@ class TransformerModule(LightningModule):
         self.export_merged = export_merged
         self.skip_nonfinite_loss = skip_nonfinite_loss
         self.skipped_batches = 0
+        self._adalora_resume: Optional[dict[str, Any]] = None  # AdaLoRA statistics from a checkpoint, not yet applied
         self.model: Any = None  # built in configure_model, once the task knows its head (e.g. the label set)
         self.predictions_file: Optional[str] = None  # set by train.py; default: <run dir>/predictions.jsonl
         self._predictions: list[dict[str, Any]] = []
@@ -350,6 +351,11 @@ class TransformerModule(LightningModule):
         super().optimizer_step(*args, **kwargs)
         # AdaLoRA reallocates ranks from the gradients of the step just taken, after every optimizer step
         if self.peft_config is not None and hasattr(self.model.base_model, "update_and_allocate"):
+            if self._adalora_resume is not None:  # here, not at loading: the model now sits on its device
+                from lit_modules.peft_support import load_adalora_statistics
+
+                load_adalora_statistics(self.model, self._adalora_resume)
+                self._adalora_resume = None
             self.model.base_model.update_and_allocate(self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -358,6 +364,13 @@ class TransformerModule(LightningModule):
         # keep what was trained (adapters and the task head); the frozen base comes from from_pretrained
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        from lit_modules.peft_support import ADALORA_STATISTICS, adalora_state
+
+        adalora = adalora_state(self.model)  # the rank allocator's statistics live outside the state dict
+        if adalora is not None:
+            if self._adalora_resume is not None:  # resumed, and no optimizer step has taken them over yet
+                adalora.update({k: self._adalora_resume[k] for k in ADALORA_STATISTICS})
+            checkpoint["adalora"] = adalora
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.peft_config is None:
@@ -368,6 +381,11 @@ class TransformerModule(LightningModule):
         if missing:
             raise ConfigError(f"checkpoint lacks {len(missing)} trained parameter(s) of this PEFT model, "
                               f"e.g. {missing[0]}: was it saved with the same model.peft settings?")
+        if checkpoint.get("adalora") is not None:
+            from lit_modules.peft_support import load_adalora_rank_pattern
+
+            load_adalora_rank_pattern(self.model, checkpoint["adalora"])
+            self._adalora_resume = checkpoint["adalora"]
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 

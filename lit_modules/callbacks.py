@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -176,7 +177,9 @@ class ResumeState(Callback):
     The generators (torch, CUDA, numpy, random) are saved with every checkpoint and put back right before
     the first training batch of a resumed run: loading a checkpoint, building data loaders and the sanity
     check happen in a different order in a resumed run than at the same point of an uninterrupted one, and
-    the state at the next training step is what has to match (dropout masks, sampling in the model).
+    the state at the next training step is what has to match (dropout masks, sampling in the model). Under
+    DDP each process's generators are kept and each process gets its own back (resumed with another number of
+    processes, all get rank 0's).
 
     Lightning saves the state of a stateful training loader (``ResumableDataLoader``) in the checkpoint but
     restores it only when it builds the loader after loading the checkpoint; a module whose
@@ -205,16 +208,27 @@ class ResumeState(Callback):
         # plain tensors and ints only, so checkpoints still load with torch.load(weights_only=True)
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         version, state, gauss_py = random.getstate()
-        checkpoint["rng_states"] = {
+        states = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                       "gauss": float(gauss)},
             "python": {"version": version, "state": list(state), "gauss": gauss_py},
         }
+        checkpoint["rng_states"] = states
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # every process has drawn differently (its own batches' shapes set how much dropout draws): keep each
+            # one's generators; every process builds the checkpoint, rank 0 writes it
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, {**states, "cuda": [s.cpu() for s in states["cuda"]]})
+            checkpoint["rng_states_per_rank"] = gathered
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._pending = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank") or []
+        if len(per_rank) == trainer.world_size and trainer.world_size > 1:
+            self._pending = per_rank[trainer.global_rank]
+        else:  # one process, or not as many as when saved (the data order differs then anyway)
+            self._pending = checkpoint.get("rng_states")
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
         self._loader_states = list(fit_loop.get("state_dict", {}).get("combined_loader", []))
 

@@ -91,3 +91,45 @@ def adalora_ranks(model: Any) -> dict[str, int]:
         if isinstance(lora_e, torch.nn.ParameterDict) and "default" in lora_e:
             ranks[name] = int((lora_e["default"].detach() != 0).sum())
     return ranks
+
+
+ADALORA_STATISTICS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def adalora_state(model: Any) -> dict[str, Any] | None:
+    """What AdaLoRA keeps outside the state dict, for an exact resume; None for other methods.
+
+    The rank allocator's importance statistics (per-parameter tensors; the ranks it masks next depend on
+    them) and the rank pattern in the peft config (the final steps re-apply it; the export writes it).
+    Plain tensors, strings and lists only, so checkpoints still load with ``torch.load(weights_only=True)``.
+    """
+    allocator = adalora_allocator(model)
+    if allocator is None:
+        return None
+    state: dict[str, Any] = {key: {n: t.detach() for n, t in getattr(allocator, key).items()}
+                             for key in ADALORA_STATISTICS}
+    pattern = model.base_model.peft_config[allocator.adapter_name].rank_pattern
+    state["rank_pattern"] = {n: [bool(b) for b in bits] for n, bits in pattern.items()} if pattern else None
+    return state
+
+
+def load_adalora_rank_pattern(model: Any, state: dict[str, Any]) -> None:
+    """Put a saved rank pattern (``adalora_state``) back into the model's AdaLoRA config."""
+    allocator = adalora_allocator(model)
+    if allocator is not None:
+        model.base_model.peft_config[allocator.adapter_name].rank_pattern = state.get("rank_pattern")
+
+
+def load_adalora_statistics(model: Any, state: dict[str, Any]) -> None:
+    """Put saved importance statistics (``adalora_state``) back into the rank allocator, each tensor on the
+    device of its parameter (call it once the model sits where it trains)."""
+    allocator = adalora_allocator(model)
+    if allocator is None:
+        return
+    params = dict(model.base_model.model.named_parameters())
+    unknown = sorted(set(state["ipt"]) - set(params))
+    if unknown:
+        raise ConfigError(f"checkpoint: AdaLoRA statistics for {unknown[0]}, which this model lacks: was it saved "
+                          "with the same model.peft settings?")
+    for key in ADALORA_STATISTICS:
+        setattr(allocator, key, {n: t.to(params[n].device) for n, t in state[key].items()})

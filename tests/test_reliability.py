@@ -16,21 +16,134 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from datamodules.base import LengthGroupedSampler, ResumableDataLoader, ShuffleSampler
+from datamodules.text_classification import TextClassificationDataModule
 from lit_modules.text_classification import TextClassificationModule
-from tests.conftest import ROOT, results, run_train, run_train_subprocess, write_experiment
+from tests.conftest import ROOT, SENTIMENT, results, run_train, run_train_subprocess, write_experiment
 
 
 # ---- A: exact resume -------------------------------------------------------------------------------
 
+def _clean_env() -> dict[str, str]:
+    """The environment without what an in-process run (or a DDP launch) of an earlier test left behind."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_RUN_DIR", "LOCAL_RANK", "RANK",
+                                                                     "WORLD_SIZE", "MASTER_", "NODE_RANK", "PL_"))}
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes() and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def test_fault_injection_resume_is_exact(tmp_path: Path) -> None:
     """experiments/fault_injection.py: a SIGKILL and a SIGTERM mid-run, resumed; identical to an uninterrupted run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_RUN_DIR", "LOCAL_RANK"))}
+    env = _clean_env()
     proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--kills", "2", "--signals",
                            "SIGKILL,SIGTERM", "--epochs", "2", "--max_train_samples", "32", "--every", "2", "--seed", "1",
                            "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "kill 1: SIGKILL" in proc.stdout and "kill 2: SIGTERM" in proc.stdout
     assert "IDENTICAL after 2 kill(s)" in proc.stdout
+
+
+def test_fault_injection_adalora_resume_is_exact(tmp_path: Path) -> None:
+    """AdaLoRA: killed in the budget-reduction phase (step 5) and in the final phase (step 7, which re-applies the
+    final rank pattern: a run that lost it crashes), resumed each time; identical to an uninterrupted run."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--peft", "adalora", "--kills", "2",
+                           "--epochs", "2", "--max_train_samples", "32", "--every", "1", "--seed", "0",
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "kill 1: SIGKILL at step 5" in proc.stdout and "kill 2: SIGKILL at step 7" in proc.stdout
+    assert "IDENTICAL after 2 kill(s)" in proc.stdout
+
+
+def test_fault_injection_ddp_resume_is_exact(tmp_path: Path) -> None:
+    """2 processes (DDP over gloo): rank 0 SIGKILLed (rank 1 must not outlive it), then a SIGTERM to rank 1 alone
+    (both stop at the same batch); resumed each time, identical to an uninterrupted 2-process run."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.fault_injection", "--trainer_config",
+                           str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml"), "--kills", "2", "--signals",
+                           "SIGKILL,SIGTERM", "--epochs", "2", "--max_train_samples", "64", "--every", "2", "--seed", "1",
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "reference run: 8 steps on 2 processes" in proc.stdout
+    assert "kill 1: SIGKILL on rank 0 at step 3" in proc.stdout and "kill 2: SIGTERM on rank 1 at step 4" in proc.stdout
+    assert "IDENTICAL after 2 kill(s)" in proc.stdout
+    assert not _processes_mentioning(str(tmp_path))  # no rank of any launch is left running
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process groups from /proc (Linux)")
+def test_fault_injection_kills_what_outlives_the_launcher(tmp_path: Path) -> None:
+    """A launcher that exits while a process it started lives on (a DDP rank orphaned by its rank 0): killed."""
+    from experiments.fault_injection import _end_group, _group_members
+
+    marker = str(tmp_path / "orphan")
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+                             f"'import time; time.sleep(600)', {marker!r}]); print('started', flush=True)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "started"
+    assert proc.wait(timeout=60) == 0
+    assert _processes_mentioning(marker)  # the launcher is gone, its child is not
+    assert _end_group(proc.pid, grace=0.5) == 1
+    assert not _processes_mentioning(marker) and not _group_members(proc.pid)
+
+
+class AdaLoraProbe(Callback):
+    """Test probe: saves a checkpoint after optimizer step ``save_at``; copies the AdaLoRA rank allocator's
+    statistics after step ``probe_at``."""
+
+    def __init__(self, probe_at: int, save_at: int = -1, path: Path | None = None) -> None:
+        self.probe_at, self.save_at, self.path = probe_at, save_at, path
+        self.seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        from lit_modules.peft_support import ADALORA_STATISTICS, adalora_allocator
+
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.path)
+        if trainer.global_step == self.probe_at:
+            allocator = adalora_allocator(pl_module.model)
+            self.seen = {k: {n: t.clone() for n, t in getattr(allocator, k).items()} for k in ADALORA_STATISTICS}
+
+
+def test_adalora_statistics_travel_with_the_checkpoint(tiny_bert: Path, tmp_path: Path) -> None:
+    """The rank allocator's importance statistics (outside the state dict) are saved and restored: the step after
+    a resume updates them exactly as the uninterrupted run does (starting them from zero would not)."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from datamodules.text_classification import TextClassificationDataModule
+    from lit_modules.callbacks import ResumeState
+
+    def fit(probe: AdaLoraProbe, ckpt: Path | None = None) -> None:
+        seed_everything(0, verbose=False)
+        model = TextClassificationModule(model_name_or_path=str(tiny_bert), learning_rate=1e-2, peft={
+            "peft_type": "ADALORA", "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1,
+            "target_modules": ["query", "value"]})
+        dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=8, max_train_samples=32,
+                                          cache_dir=str(tmp_path / "cache"))
+        Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ResumeState(), probe],
+                ).fit(model, dm, ckpt_path=ckpt)
+
+    ckpt = tmp_path / "step3.ckpt"
+    whole = AdaLoraProbe(probe_at=4, save_at=3, path=ckpt)
+    fit(whole)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["adalora"]
+    assert saved["ipt"] and set(saved["ipt"]) == set(whole.seen["ipt"])  # one tensor per AdaLoRA parameter
+    assert saved["rank_pattern"] and all(isinstance(b, bool) for bits in saved["rank_pattern"].values() for b in bits)
+    resumed = AdaLoraProbe(probe_at=4)
+    fit(resumed, ckpt)
+    for key, tensors in whole.seen.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(resumed.seen[key][name], tensor), (key, name)
 
 
 def _batches(loader: ResumableDataLoader, epoch: int) -> list[list[int]]:
@@ -287,3 +400,75 @@ def test_api_key_with_unreachable_server_never_leaks(tiny_bert: Path, tmp_path: 
     leaked = [p for p in files if key.encode() in p.read_bytes()]
     assert not leaked
     assert key not in proc.stdout + proc.stderr
+
+
+# ---- H: signals while the data are tokenised -------------------------------------------------------
+
+class SlowTokenising(TextClassificationDataModule):
+    """Test data module: once the cache's temporary file exists (``datasets`` creates it after the first batch of
+    1000 rows), it lists the cache folder into ``$SLOW_TOKENISING_MARKER`` and tokenising each batch takes
+    ``$SLOW_TOKENISING`` seconds, as for a large corpus."""
+
+    def encode(self, batch: dict[str, list]) -> dict[str, list]:
+        folder = self.cache_dir / self.task_name
+        if any(p.name.startswith("tmp") for p in folder.iterdir()):
+            marker = Path(os.environ["SLOW_TOKENISING_MARKER"])
+            if not marker.exists():
+                marker.write_text("\n".join(sorted(p.name for p in folder.iterdir())))
+            time.sleep(float(os.environ.get("SLOW_TOKENISING", "0")))
+        return super().encode(batch)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_signal_while_tokenising_leaves_no_partial_cache(name: str, tiny_bert: Path, tmp_path: Path) -> None:
+    """A real signal to train.py while its cache is half-written: one line, exit 128 + signal, the temporary file
+    gone, no run directory; the same command then tokenises afresh and trains."""
+    train = tmp_path / "train.jsonl"
+    train.write_text((SENTIMENT / "train.jsonl").read_text() * 3)  # 1,500 rows: two tokenising batches
+    cache, marker, runs = tmp_path / "cache", tmp_path / "marker", tmp_path / "runs"
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, data={"train_file": str(train), "cache_dir": str(cache)},
+                           trainer={"max_steps": 2, "limit_val_batches": 1})
+    exp.write_text(exp.read_text().replace("datamodules.text_classification.TextClassificationDataModule",
+                                           "tests.test_reliability.SlowTokenising"))
+    command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(exp), "--output_dir", str(runs),
+               "--export", "false", "--test_after_fit", "false", "--min_free_disk_mb", "0"]
+    env = {**_clean_env(), "WANDB_MODE": "disabled", "SLOW_TOKENISING_MARKER": str(marker)}
+    proc = subprocess.Popen(command, cwd=ROOT, env={**env, "SLOW_TOKENISING": "120"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no marker"
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, name), err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"error: {name} while preparing the data: stopped, and no partly written "
+                                            "tokenised cache was kept (the same command starts over)")
+    assert any(n.startswith("tmp") for n in marker.read_text().split())  # the signal came while one was half-written
+    assert list((cache / "text_classification").iterdir()) == []  # and it is gone
+    assert not runs.exists() or not any(runs.rglob("*.*"))
+
+    if name == "SIGTERM":  # the same command again: tokenised afresh (nothing partial to load), then trained
+        marker.unlink()
+        rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "Tokenised 1500 train examples" in rerun.stdout + rerun.stderr
+        files = sorted(p.name for p in (cache / "text_classification").iterdir())
+        assert [f.split("-")[0] for f in files] == ["train", "validation"]
+
+
+def test_overwrite_cache_tokenises_again(tiny_bert: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    def prepared(overwrite: bool) -> Path:
+        dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), cache_dir=str(tmp_path),
+                                          overwrite_cache=overwrite)
+        dm.attach_tokenizer(AutoTokenizer.from_pretrained(tiny_bert))
+        dm.prepare_data()
+        return dm._cache_path("train")
+
+    path = prepared(False)
+    first = path.stat().st_ino, path.stat().st_mtime_ns
+    assert prepared(False).stat().st_ino == first[0]  # reused
+    prepared(True)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) != first  # a new file in its place
