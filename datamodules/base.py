@@ -357,10 +357,14 @@ class TransformerDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
+        world = self.trainer.world_size if self.trainer is not None else 1
         if self.group_by_length:
-            sampler: Sampler = LengthGroupedSampler(np.asarray(ds["length"]), self.batch_size)
+            # under DDP the groups span one batch of every process, so each process's batches stay grouped
+            sampler: Sampler = LengthGroupedSampler(np.asarray(ds["length"]), self.batch_size * world)
         else:
             sampler = ShuffleSampler(len(ds))
+        if world > 1:
+            sampler = TrainShardSampler(sampler, world, self.trainer.global_rank)
         return self._loader("train", self.batch_size, sampler, resumable=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -523,6 +527,39 @@ class EvalShardSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class TrainShardSampler(DistributedSampler):
+    """One process's share of a training order: every ``num_replicas``-th index of ``sampler``'s order.
+
+    Lightning would wrap a custom sampler in a ``DistributedSamplerWrapper`` that shuffles its output
+    again (length grouping lost: padding as in a random order) and never passes the epoch on. This one
+    is a ``DistributedSampler``, so Lightning uses it as it is: the order is the same on every process
+    (it depends only on the seed and the epoch), is padded by repeating its start to a multiple of
+    ``num_replicas`` as ``DistributedSampler`` does, and process ``rank`` takes positions ``rank,
+    rank + num_replicas, ...``: one run of ``batch_size * num_replicas`` grouped indices becomes one
+    batch per process. ``skip`` leaves out this process's first indices (a mid-epoch resume).
+    """
+
+    skip = 0
+
+    def __init__(self, sampler: Sampler, num_replicas: int, rank: int) -> None:
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        skip, self.skip = self.skip, 0
+        return iter(order[self.rank : self.total_size : self.num_replicas][skip:])
 
     def __len__(self) -> int:
         return self.num_samples

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.base import Collator, LengthGroupedSampler
+from datamodules.base import Collator, LengthGroupedSampler, ShuffleSampler, TrainShardSampler
 from datamodules.readers import DataError
 from datamodules.text_classification import TextClassificationDataModule
 from tests.conftest import SENTIMENT
@@ -92,6 +92,47 @@ def test_length_grouped_sampler() -> None:
     sampler.set_epoch(1)
     assert list(sampler) != order  # a new epoch reshuffles
     assert list(LengthGroupedSampler(lengths, 16, seed=4)) != order
+
+
+def _padding_share(lengths: np.ndarray, order: list[int], batch: int) -> float:
+    batches = [lengths[order[i : i + batch]] for i in range(0, len(order), batch)]
+    return sum(b.max() * len(b) - b.sum() for b in batches) / sum(b.max() * len(b) for b in batches)
+
+
+def test_training_shards_keep_length_grouping_on_every_process() -> None:
+    """Under DDP each process's batches are still grouped by length (Lightning's wrapper would shuffle
+    them again), the processes share one order and together see every example each epoch."""
+    lengths = np.random.default_rng(0).integers(1, 200, size=1001)
+    world, batch = 2, 16
+    shards = [TrainShardSampler(LengthGroupedSampler(lengths, batch * world, seed=3), world, rank) for rank in range(world)]
+    orders = [list(s) for s in shards]
+    assert [len(o) for o in orders] == [len(s) for s in shards] == [501, 501]  # padded to a multiple of world
+    assert sorted(set(orders[0]) | set(orders[1])) == list(range(1001)) and not set(orders[0]) & set(orders[1][:-1])
+    random_share = _padding_share(lengths, list(range(1001)), batch)
+    for order in orders:
+        assert _padding_share(lengths, order, batch) < random_share / 5
+    for s in shards:
+        s.set_epoch(1)
+    assert [list(s) for s in shards] != orders  # the epoch reaches the grouped order
+    fresh = TrainShardSampler(LengthGroupedSampler(lengths, batch * world, seed=3), world, 1)
+    fresh.set_epoch(1)
+    expected = list(fresh)
+    shards[1].skip = 3 * batch  # a resume after 3 batches leaves out exactly those, once
+    assert list(shards[1]) == expected[3 * batch :]
+    assert list(shards[1]) == expected
+    tiny = TrainShardSampler(ShuffleSampler(1, seed=0), 4, 3)  # fewer examples than processes: repeated
+    assert list(tiny) == [0]
+
+
+def test_distributed_training_loader_uses_the_shard_sampler(tokenizer: Any, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    dm = make_dm(tokenizer, tmp_path, train_file=str(SENTIMENT / "train.jsonl"))
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)  # the two fields the loader reads
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, TrainShardSampler) and isinstance(sampler.sampler, LengthGroupedSampler)
+    assert sampler.rank == 1 and sampler.sampler.batch_size == 2 * dm.batch_size
 
 
 def test_group_by_length_can_be_switched_off(tokenizer: Any, tmp_path: Path) -> None:
