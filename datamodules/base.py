@@ -615,7 +615,7 @@ class ResumableDataLoader(DataLoader):
         self._resume = None
         skip = resume["batches"] if resume and resume["epoch"] == epoch and resume["batches"] < len(self) else 0
         self._epoch, self._served = epoch, skip
-        # our samplers leave out the consumed indices (no rows read); any other (a distributed one): read and drop
+        # our samplers leave out the consumed indices (no rows read); one Lightning put in (overfit_batches): read and drop
         by_index = hasattr(self.sampler, "skip") and self.batch_size is not None
         if by_index:
             self.sampler.skip = skip * self.batch_size

@@ -143,3 +143,36 @@ def test_gradient_clipping_with_the_fused_optimizer(tiny_bert: Path, tmp_path: P
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=tmp_path).fit(model, dm)
     assert len(norms) == 4 and max(norms) <= 0.01 * 1.001, norms
+
+
+def test_throughput_leaves_validation_time_out(tiny_bert: Path, tmp_path: Path) -> None:
+    """RunMetadata counts training time only: a validation that takes 1 s per epoch adds nothing to it."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    from lit_modules.callbacks import RunMetadata
+
+    class SlowValidation(Callback):
+        seconds = 0.0
+
+        def on_validation_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int,
+                                      dataloader_idx: int = 0) -> None:
+            if batch_idx == 0:
+                time.sleep(1.0)
+                self.seconds += 1.0
+
+    model = TextClassificationModule(model_name_or_path=str(tiny_bert))
+    dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"),
+                                      validation_file=str(SENTIMENT / "validation.jsonl"), max_eval_samples=8,
+                                      batch_size=64, cache_dir=str(tmp_path / "cache"))
+    meta, slow = RunMetadata(str(tmp_path)), SlowValidation()
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                      callbacks=[slow, meta])
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    wall = time.perf_counter() - start
+    assert slow.seconds == 2.0
+    assert meta.train_samples == 2 * len(dm.datasets["train"])
+    assert 0 < meta.train_seconds < wall - slow.seconds  # both sleeps left out of the training time
