@@ -70,8 +70,8 @@ class SquadMetric(Metric):
 
     ``update(predictions, gold_answers, indices)`` takes each question's predicted text, its gold answer
     texts (an empty list: unanswerable) and its number in the split. Per-question scores are kept in
-    list states, so several processes sync them exactly; a question number seen twice (samplers pad
-    processes with repeats) counts once. v2.0 adds ``has_ans_*`` and ``no_ans_*`` over the answerable
+    list states, so several processes sync them exactly; a question number seen twice (a sampler that pads
+    processes with repeats; the project's own evaluation sampler never does) counts once. v2.0 adds ``has_ans_*`` and ``no_ans_*`` over the answerable
     and unanswerable questions.
     """
 
@@ -355,7 +355,7 @@ class QuestionAnsweringModule(TransformerModule):
                                         for t in (idx, lengths, start, end))
         idx, lengths = idx.numpy(), lengths.numpy()
         begin = np.cumsum(lengths) - lengths
-        rows, first = np.unique(idx, return_index=True)  # repeats from samplers that even out processes
+        rows, first = np.unique(idx, return_index=True)  # repeats only from a sampler that pads processes
         lengths, begin = lengths[first], begin[first]
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         take = np.repeat(begin, lengths) + within

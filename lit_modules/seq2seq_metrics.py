@@ -1,8 +1,9 @@
 """Generation metrics: ROUGE-1/2/L/Lsum, SacreBLEU and mean generated length as torchmetrics ``Metric``s.
 
 Each metric keeps one row per example, keyed by the example's index, and counts every index once
-when it computes. Distributed samplers repeat examples so that every process gets the same number;
-keyed rows make the result identical to a single-process run. The scoring itself is torchmetrics'
+when it computes. The project's evaluation sampler (``EvalShardSampler``) never repeats an example;
+the keyed rows keep the result identical to a single-process run also under a sampler that does
+(Lightning's ``DistributedSampler`` pads processes with repeats, e.g. in a user's own ``val_dataloader``). The scoring itself is torchmetrics'
 (ROUGE as in Google's ``rouge-score`` package, SacreBLEU's tokenisation and corpus statistics); what
 is ours is the offline sentence splitting for ROUGE-Lsum and the per-example bookkeeping.
 """

@@ -111,8 +111,8 @@ class EntityScores(Metric):
 
     ``update`` takes, per window of a sentence, the predicted and gold tag ids of its sub-tokens, the
     word each sub-token scores (-1: none) and the sentence id; ``compute`` puts every sentence back
-    together from its windows (a word scored twice, as a distributed sampler's padding repeats
-    examples, counts once) and scores whole sentences. Args: ``labels`` (tag names in id order, IOB2)
+    together from its windows (a word scored twice counts once: a safety net for samplers that
+    pad processes with repeats; the project's own evaluation sampler never does) and scores whole sentences. Args: ``labels`` (tag names in id order, IOB2)
     and ``mode`` (seqeval's ``default``, conlleval-compatible, or ``strict`` IOB2).
     """
 
