@@ -426,7 +426,8 @@ class TransformerModule(LightningModule):
         order = sorted(by_idx)
         fields = [k for k in self.prediction_input_fields if inputs is not None and k in inputs.column_names]
         # the input fields of every row in one Arrow read (not one table lookup per row)
-        records = inputs.select_columns(fields).select([int(i) for i in order]).to_list() if fields else [{}] * len(order)
+        records = (inputs.select_columns(fields).select([int(i) for i in order]).to_list() if fields
+                   else [{}] * len(order))
         out = [{**{k: v for k, v in record.items() if v is not None}, **by_idx[idx]}
                for idx, record in zip(order, records)]
         out = self.finalize_predictions(out)
