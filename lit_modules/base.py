@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,6 +69,18 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
         raise ConfigError(f"{key}: cannot load '{name_or_path}' as a {where}: {reason}") from None
 
 
+def compile_group_learning_rates(rates: Optional[dict[str, float]]) -> dict[str, float]:
+    """``model.group_learning_rates`` checked: valid regular expressions mapped to positive numbers."""
+    for pattern, lr in (rates or {}).items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"model.group_learning_rates: {pattern!r} is not a regular expression ({e})") from None
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+            raise ConfigError(f"model.group_learning_rates.{pattern}: expected a positive number, got {lr!r}")
+    return dict(rates or {})
+
+
 class TransformerModule(LightningModule):
     """Base module: a Hugging Face model plus the optimisation and logging every task shares.
 
@@ -79,6 +92,11 @@ class TransformerModule(LightningModule):
         model_kwargs: extra keyword arguments for ``from_pretrained`` (``revision``, ``gguf_file``, ...).
         learning_rate / weight_decay / adam_beta1 / adam_beta2 / adam_epsilon: AdamW settings;
             biases and normalisation weights (all parameters with fewer than 2 dimensions) get no decay.
+        group_learning_rates: ``{regex: learning rate}``: parameters whose name matches a regular expression
+            (``re.search``; the first matching pattern wins) train at that learning rate instead of
+            ``learning_rate``, under the same warmup and schedule, e.g. ``{crossattention: 2.0e-3}`` for the
+            randomly initialised cross-attention of an encoder-decoder warm-started from two encoders.
+            Each pattern must match at least one trainable parameter.
         lr_scheduler_type: ``linear`` or ``cosine`` decay to 0, or ``constant``, each after warmup.
         warmup_steps: warmup optimizer steps; when 0, ``warmup_ratio`` of all optimizer steps.
         fused_optimizer: use the fused AdamW kernel (``null``: whenever every parameter allows it).
@@ -104,6 +122,7 @@ class TransformerModule(LightningModule):
         adam_beta1: float = 0.9,
         adam_beta2: float = 0.999,
         adam_epsilon: float = 1e-8,
+        group_learning_rates: Optional[dict[str, float]] = None,
         lr_scheduler_type: SchedulerType = "linear",
         warmup_ratio: float = 0.0,
         warmup_steps: int = 0,
@@ -116,6 +135,7 @@ class TransformerModule(LightningModule):
         self.save_hyperparameters()  # also records the task subclass's arguments
         if learning_rate <= 0:
             raise ConfigError(f"model.learning_rate: expected a positive number, got {learning_rate}")
+        self.group_learning_rates = compile_group_learning_rates(group_learning_rates)
         if not 0.0 <= warmup_ratio < 1.0:
             raise ConfigError(f"model.warmup_ratio: expected a number in [0, 1), got {warmup_ratio}")
         if warmup_steps < 0:
@@ -306,20 +326,14 @@ class TransformerModule(LightningModule):
         from transformers import get_scheduler
 
         hp = self.hparams
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        ]
+        groups = self.parameter_groups()
+        params = [p for g in groups for p in g["params"]]
         fused = hp.fused_optimizer
         if fused is None:
             # not with fp16's gradient scaler: Lightning unscales before clipping, which a fused step would redo
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
             fused = scaler is None and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                           for p in decay + no_decay)
+                                           for p in params)
         optimizer = torch.optim.AdamW(
             groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_epsilon, fused=fused
         )
@@ -331,6 +345,28 @@ class TransformerModule(LightningModule):
         rank_zero_info(f"Optimizer: AdamW{' (fused)' if fused else ''}, {total} optimizer steps, {warmup} warmup, "
                        f"{hp.lr_scheduler_type} schedule")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: with / without weight decay, per ``group_learning_rates`` pattern."""
+        hp = self.hparams
+        patterns = list(self.group_learning_rates)
+        members: dict[Optional[str], list[torch.nn.Parameter]] = {None: [], **{pattern: [] for pattern in patterns}}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                members[next((pattern for pattern in patterns if re.search(pattern, n)), None)].append(p)
+        groups: list[dict[str, Any]] = []
+        for pattern, params in members.items():
+            if pattern is not None and not params:
+                raise ConfigError(f"model.group_learning_rates: {pattern!r} matches no trainable parameter "
+                                  "(or only parameters an earlier pattern takes)")
+            lr = hp.learning_rate if pattern is None else self.group_learning_rates[pattern]
+            suffix = "" if pattern is None else f"/{pattern}"
+            for name, decayed in (("decay", True), ("no_decay", False)):
+                ps = [p for p in params if (p.ndim >= 2) == decayed]
+                if ps or pattern is None:
+                    groups.append({"params": ps, "lr": lr, "weight_decay": hp.weight_decay if decayed else 0.0,
+                                   "name": name + suffix})
+        return groups
 
     def _size_adalora(self, total: int) -> None:
         """AdaLoRA's rank budget schedule runs over the real number of optimizer steps."""

@@ -65,6 +65,33 @@ def test_optimizer_groups_and_warmup_sized_from_real_steps(tiny_bert: Path, tmp_
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # linear decay reached 0 at the last step
 
 
+def test_group_learning_rates(tiny_bert: Path, tmp_path: Path) -> None:
+    """Parameters matching a pattern train at its rate (first matching pattern wins), under the same warmup."""
+    rates = {"classifier": 1e-2, r"encoder\.layer\.0\.": 5e-3, "encoder": 1e-4}
+    model, scheduler, trainer = fit_and_capture(tiny_bert, tmp_path, learning_rate=1e-3, weight_decay=0.1,
+                                                group_learning_rates=rates, lr_scheduler_type="constant",
+                                                warmup_steps=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert set(groups) == {"decay", "no_decay", *(f"{k}/{rates_name}" for rates_name in rates
+                                                 for k in ("decay", "no_decay"))}
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    for pattern, lr in [(None, 1e-3), *rates.items()]:
+        for kind, decay in (("decay", 0.1), ("no_decay", 0.0)):
+            group = groups[kind if pattern is None else f"{kind}/{pattern}"]
+            assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == decay  # constant after warmup
+            members = [names[id(p)] for p in group["params"]]
+            assert members
+            if pattern == "classifier":
+                assert all("classifier" in n for n in members)
+            elif pattern == "encoder":  # every encoder layer but layer 0, which the earlier pattern took
+                assert all("encoder.layer." in n and "encoder.layer.0." not in n for n in members)
+            elif pattern is not None:
+                assert all("encoder.layer.0." in n for n in members)
+            else:
+                assert all("classifier" not in n and "encoder.layer." not in n for n in members)
+
+
 def test_cosine_and_constant_schedules(tiny_bert: Path, tmp_path: Path) -> None:
     _, scheduler, _ = fit_and_capture(tiny_bert, tmp_path, lr_scheduler_type="constant", warmup_steps=2)
     assert scheduler.get_last_lr()[0] == pytest.approx(2e-5)
