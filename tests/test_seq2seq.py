@@ -567,10 +567,22 @@ def test_train_decoder_only_export_loads_in_a_text_generation_pipeline(tiny_llam
 
 
 def test_train_bert2bert_and_reload_the_export(tiny_bert_words: Path, copy_data: Path, tmp_path: Path) -> None:
-    exp = write_experiment(tmp_path / "b2b.yaml", tiny_bert_words, copy_data, max_epochs=1,
-                           model={"architecture": "encoder_decoder", "learning_rate": 1e-3})
-    code, run_dir = run_train(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
+    exp = write_experiment(tmp_path / "b2b.yaml", tiny_bert_words, copy_data, max_epochs=6,
+                           model={"architecture": "encoder_decoder", "learning_rate": 1e-3,
+                                  "group_learning_rates": {"crossattention": 1e-2}, "generate_every_n_epochs": 6},
+                           data_args={"max_train_samples": None})
+    code, run_dir = run_train(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
+                               "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min"])
     assert code == 0
+    from experiments.source_reliance import source_reliance
+
+    # the summaries copy the documents' first words: with the right documents the loss must be lower
+    reliance = source_reliance(results(run_dir)["best_checkpoint"], str(copy_data / "validation.jsonl"), 40,
+                               work_dir=str(tmp_path))
+    assert reliance["examples"] == 40
+    assert reliance["gap (nats per target token)"] == pytest.approx(
+        reliance["swapped sources"] - reliance["right sources"], abs=1e-3)
+    assert reliance["gap (nats per target token)"] > 0.05, reliance  # 0.14 measured; 0.000 if it ignores them
     from transformers import AutoModelForSeq2SeqLM
 
     model = AutoModelForSeq2SeqLM.from_pretrained(results(run_dir)["export"])
