@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.source_reliance import source_reliance
 from tests.conftest import SHARED_DATA, results, run_train_subprocess
 
 pytestmark = pytest.mark.real_data
@@ -58,7 +59,8 @@ def test_bert2bert_from_minilm_learns_subject_lines(tmp_path: Path) -> None:
         "--output_dir", str(out), "--run_name", "b2b",
     ]
     proc = run_train_subprocess([
-        "fit", *common, "--model.learning_rate", "5e-4", "--model.warmup_steps", "10",
+        "fit", *common, "--model.learning_rate", "1e-4", "--model.group_learning_rates", '{"crossattention": 2e-3}',
+        "--model.warmup_steps", "10",
         "--trainer.max_epochs", "1", "--trainer.val_check_interval", "60", "--trainer.num_sanity_val_steps", "0",
         "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min",
     ], env=_env(tmp_path), timeout=1800)
@@ -69,6 +71,9 @@ def test_bert2bert_from_minilm_learns_subject_lines(tmp_path: Path) -> None:
     assert len(losses) >= 2 and losses[-1] < losses[0] - 0.2, losses  # still learning, measured on held-out emails
     assert {"test/rouge1", "test/rougeLsum", "test/bleu", "test/gen_len"} <= set(res["test"])
     assert 0.0 <= res["test"]["test/rouge1"] <= 1.0
+    # the decoder reads the emails (a uniform learning rate leaves the random cross-attention unused)
+    reliance = source_reliance(res["best_checkpoint"], str(AESLC / "dev.jsonl"), 48, work_dir=str(tmp_path))
+    assert reliance["gap (nats per target token)"] > 0.05, reliance
 
     proc = run_train_subprocess(["predict", *common, "--ckpt_path", res["best_checkpoint"],
                                  "--data.predict_file", str(AESLC / "test.jsonl")], env=_env(tmp_path), timeout=900)
