@@ -69,7 +69,7 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
         raise ConfigError(f"{key}: cannot load '{name_or_path}' as a {where}: {reason}") from None
 
 
-def compile_group_learning_rates(rates: Optional[dict[str, float]]) -> dict[str, float]:
+def check_group_learning_rates(rates: Optional[dict[str, float]]) -> dict[str, float]:
     """``model.group_learning_rates`` checked: valid regular expressions mapped to positive numbers."""
     for pattern, lr in (rates or {}).items():
         try:
@@ -135,7 +135,7 @@ class TransformerModule(LightningModule):
         self.save_hyperparameters()  # also records the task subclass's arguments
         if learning_rate <= 0:
             raise ConfigError(f"model.learning_rate: expected a positive number, got {learning_rate}")
-        self.group_learning_rates = compile_group_learning_rates(group_learning_rates)
+        self.group_learning_rates = check_group_learning_rates(group_learning_rates)
         if not 0.0 <= warmup_ratio < 1.0:
             raise ConfigError(f"model.warmup_ratio: expected a number in [0, 1), got {warmup_ratio}")
         if warmup_steps < 0:

@@ -580,8 +580,6 @@ def test_train_bert2bert_and_reload_the_export(tiny_bert_words: Path, copy_data:
     reliance = source_reliance(results(run_dir)["best_checkpoint"], str(copy_data / "validation.jsonl"), 40,
                                work_dir=str(tmp_path))
     assert reliance["examples"] == 40
-    assert reliance["gap (nats per target token)"] == pytest.approx(
-        reliance["swapped sources"] - reliance["right sources"], abs=1e-3)
     assert reliance["gap (nats per target token)"] > 0.05, reliance  # 0.14 measured; 0.000 if it ignores them
     from transformers import AutoModelForSeq2SeqLM
 
