@@ -14,13 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -30,111 +24,39 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silence the fork warning of DataLoader workers
 
-import torch  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar, RichModelSummary, RichProgressBar  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from datamodules.base import PreparationInterrupted, TransformerDataModule  # noqa: E402
-from datamodules.readers import DataError  # noqa: E402
-from lit_modules.base import ConfigError, NonFiniteLossError, TransformerModule  # noqa: E402
-from lit_modules.callbacks import BestCheckpoint, Preemption, ResumeState, RunMetadata  # noqa: E402
+from lit_modules.base import TransformerModule, check_checkpoint_task  # noqa: E402
+from lit_modules.callbacks import (  # noqa: E402
+    BestCheckpoint,
+    PredictionsWriter,
+    Preemption,
+    ResumeState,
+    PredictionTables,
+    RunMetadata,
+    Stopped,
+    progress_bar_for,
+)
 from lit_modules.checkpoint_io import AtomicCheckpointIO, check_checkpoint  # noqa: E402
 from lit_modules.distributed import full_state_dict, restore_weights  # noqa: E402
+from lit_modules.errors import ConfigError, DataError, NonFiniteLossError, first_line  # noqa: E402
+from lit_modules.model_card import check_push_to_hub, push_to_hub, write_model_card  # noqa: E402
+from lit_modules.peft_support import peft_type  # noqa: E402
+from lit_modules.run.parser_errors import DEFAULT_CONFIG, summarize_parser_error  # noqa: E402
+from lit_modules.run.run_dir import RunConfigCallback, check_output_dir, make_run_dir, remove_unfinished_run  # noqa: E402
+from lit_modules.run.terminal import configure_terminal, quiet_wandb_logger  # noqa: E402
+from lit_modules.run.wandb_mode import choose_wandb_mode, finish_wandb, guard_logger  # noqa: E402
+from lit_modules.schema import connect  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 USER_ERRORS = (DataError, ConfigError)
-
-
-# ---- one-line parser errors ------------------------------------------------------------------------
-
-def _key_source(argv: list[str], key: str, cwd: str = ".") -> str:
-    """Where the value of ``key`` came from: the last ``--config`` file setting it (file:line) or the command line.
-
-    ``cwd`` is the directory the arguments were given in (jsonargparse changes directory while it parses).
-    """
-    flags = {f"--{key}", f"--{key.replace('.init_args', '')}"}
-    source = f"{DEFAULT_CONFIG.relative_to(ROOT)}:{_yaml_line(DEFAULT_CONFIG, key)}" if _yaml_line(DEFAULT_CONFIG, key) else None
-    for i, arg in enumerate(argv):
-        path = None
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            path = Path(argv[i + 1])
-        elif arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
-        if path is not None:
-            full = path if path.is_absolute() else Path(cwd) / path
-            line = _yaml_line(full, key) if full.is_file() else None
-            source = f"{path}:{line}" if line else source
-        elif arg.split("=", 1)[0] in flags:
-            source = "command line"
-    return source or "command line"
-
-
-def _yaml_line(path: Path, key: str) -> Optional[int]:
-    """1-based line of dotted ``key`` in a YAML file (``init_args`` levels optional), or None."""
-    import yaml
-
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    parts = [p for p in key.split(".") if p != "init_args"]
-
-    def find(node: Any, parts: list[str]) -> Optional[int]:
-        if not parts or not isinstance(node, yaml.MappingNode):
-            return None
-        for k, v in node.value:
-            if k.value == parts[0]:
-                if len(parts) == 1:
-                    return k.start_mark.line + 1
-                return find(v, parts[1:])
-            if k.value == "init_args":
-                found = find(v, parts)
-                if found:
-                    return found
-        return None
-
-    return find(node, parts)
-
-
-def summarize_parser_error(message: str, argv: list[str], cwd: str = ".") -> str:
-    """Reduce jsonargparse's nested error report to one line: where, which key, what was expected."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    key_parts: list[str] = []
-    unknown = expected = got = None
-    for ln in lines:
-        if m := re.match(r'Parser key "([^"]+)"', ln):
-            key_parts.append(m.group(1))
-        elif m := re.search(r"Problem with given class_path '([^']+)'", ln):
-            key_parts.append("init_args")
-        elif m := re.search(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)|does not accept option '([^']+)'", ln):
-            unknown = m.group(1) or m.group(2)
-        elif m := re.search(r"unrecognized arguments: (.*)", ln):
-            return f"unknown option(s) {m.group(1)} (options are never abbreviated; see --help)"
-        elif (m := re.search(r"Expected a typing\.Literal\[(.*)\]", ln)) and expected is None:
-            expected = f"one of {m.group(1)}"
-        elif (m := re.search(r"Expected a <class '([^']+)'>", ln)) and m.group(1) != "NoneType" and expected is None:
-            expected = m.group(1)
-        elif (m := re.search(r"(?:Expected a|Expected an) ([^.<]+?)\.? Got value", ln)) and expected is None:
-            expected = m.group(1)
-        if m := re.search(r"(?:Got value|Given value): (.*)", ln):
-            got = got or m.group(1)
-        if m := re.search(r"Import path (\S+) does not correspond to a subclass of (\S+)", ln):
-            return f"{'.'.join(key_parts) or 'class_path'}: '{m.group(1)}' is not a subclass of {m.group(2)}"
-    key = re.sub(r"(^|\.)init_args\.init_args", r"\1init_args", ".".join(key_parts))
-    if unknown is not None:
-        key = f"{key}.{unknown}" if key and not unknown.startswith(key) else unknown
-        what = "unknown key"
-    elif expected is not None:
-        key = key[: -len(".init_args")] if key.endswith(".init_args") else key
-        what = f"expected {expected}" + (f", got {got!r}" if got is not None else "")
-    else:
-        return lines[-1] if len(lines) == 1 else " ".join(lines[:3])
-    where = _key_source(argv, key, cwd)
-    return f"{where}: {key}: {what}"
 
 
 class TuneforgeParser(LightningArgumentParser):
@@ -150,153 +72,6 @@ class TuneforgeParser(LightningArgumentParser):
         sys.exit(2)
 
 
-# ---- W&B without prompts ---------------------------------------------------------------------------
-
-def wandb_api_key_available() -> bool:
-    """Whether W&B credentials can be found without network or prompt (environment or netrc)."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    import netrc
-    from urllib.parse import urlsplit
-
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
-    for path in filter(None, [os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"]):
-        try:
-            if netrc.netrc(path).authenticators(host):
-                return True
-        except (OSError, netrc.NetrcParseError):
-            continue
-    return False
-
-
-def wandb_host_reachable(timeout: float = 3.0) -> bool:
-    from urllib.parse import urlsplit
-
-    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
-
-
-def choose_wandb_mode() -> tuple[str, str]:
-    """Pick the W&B mode so that ``wandb.init`` never prompts or blocks; returns (mode, reason)."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("offline", "disabled", "dryrun"):
-        return mode, "WANDB_MODE"
-    if not wandb_api_key_available():
-        reason = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
-        os.environ["WANDB_MODE"] = "offline"
-        return "offline", reason
-    if not wandb_host_reachable():
-        os.environ["WANDB_MODE"] = "offline"
-        return "offline", "the W&B server is not reachable"
-    return "online", "API key found"
-
-
-def guard_logger(logger: Any) -> None:
-    """Make a logger's errors mid-run (W&B service gone, network, a run finished under it) a warning, shown
-    once, instead of the end of training; what it could not log is lost, the run goes on."""
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    failed: list[str] = []
-    for name in ("log_metrics", "log_hyperparams", "after_save_checkpoint", "save", "finalize"):
-        method = getattr(logger, name, None)
-        if method is None:
-            continue
-
-        def guarded(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
-            try:
-                return _method(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - whatever the logging backend raises, training goes on
-                if not failed:
-                    reason = (str(e).strip().splitlines() or [""])[0][:200]
-                    rank_zero_warn(f"{type(logger).__name__}.{_name} failed ({type(e).__name__}: {reason}); training "
-                                   "continues, further logger errors are not shown")
-                failed.append(_name)
-                return None
-
-        setattr(logger, name, guarded)
-
-
-# ---- run directory, config and run info --------------------------------------------------------------
-
-def git_info() -> dict[str, Any]:
-    """The commit of this checkout and whether tracked files differ from it (None outside git)."""
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return {"commit": None, "dirty": None}
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty)}
-
-
-class RunConfigCallback(SaveConfigCallback):
-    """Saves the resolved config and run info into the run directory and logs them to every logger."""
-
-    def __init__(self, *args: Any, run_dir: Path, filled: list[tuple[Any, str, Any]], **kwargs: Any) -> None:
-        super().__init__(*args, save_to_log_dir=False, **kwargs)
-        self.run_dir = run_dir
-        self.filled = filled  # (namespace, key, value the user gave) for the paths train.py filled in
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Save what the user asked for, not this run's paths, so that rerunning the saved config
-        # starts a new run directory instead of writing into this one.
-        run_values = [(ns, key, ns[key]) for ns, key, _ in self.filled]
-        for ns, key, given in self.filled:
-            ns[key] = given
-        try:
-            name = "config.yaml" if not (self.run_dir / "config.yaml").exists() else \
-                f"config.resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml"  # a resumed run keeps its first config
-            self.parser.save(self.config, self.run_dir / name, overwrite=True, skip_unset=False)
-            config = self.parser.dump(self.config, format="json", skip_unset=False)
-        finally:
-            for ns, key, value in run_values:
-                ns[key] = value
-        info = {
-            "command": [sys.executable, *sys.argv],
-            "git": git_info(),
-            "versions": {m: _version(m) for m in ("torch", "lightning", "transformers", "torchmetrics", "datasets", "peft", "wandb")},
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "stage": stage,
-        }
-        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": json.loads(config), "git": info["git"], "run_dir": str(self.run_dir)})
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
-
-
-def make_run_dir(output_dir: str, run_name: str, subcommand: str) -> Path:
-    """A fresh directory name under ``output_dir/run_name`` (never one an earlier run used)."""
-    if os.environ.get("TUNEFORGE_RUN_DIR"):  # set by the launching process for its DDP workers
-        return Path(os.environ["TUNEFORGE_RUN_DIR"])
-    suffix = "" if subcommand == "fit" else f"-{subcommand}"
-    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        # every task of the job, and the job again after a requeue, uses the same directory
-        return Path(output_dir) / run_name / f"slurm-{os.environ['SLURM_JOB_ID']}{suffix}"
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + suffix
-    base = Path(output_dir) / run_name / stamp
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
-
-
 # ---- the CLI -------------------------------------------------------------------------------------
 
 class TuneforgeCLI(LightningCLI):
@@ -310,19 +85,20 @@ class TuneforgeCLI(LightningCLI):
         super().__init__(
             TransformerModule,
             TransformerDataModule,
+            *args,
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_class=TuneforgeParser,
             parser_kwargs=parser_kwargs,
             save_config_callback=RunConfigCallback,
             auto_configure_optimizers=False,
-            *args,
             **kwargs,
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         TuneforgeParser.argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
         TuneforgeParser.cwd = os.getcwd()
+        check_config_files(TuneforgeParser.argv)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -330,7 +106,16 @@ class TuneforgeCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
-            check_checkpoint(ckpt)
+            checkpoint = check_checkpoint(ckpt)
+            # a checkpoint of another task or model class: one line, before its hyperparameters replace the model's
+            model = self.config[sub].get("model")
+            class_path = model.get("class_path") if hasattr(model, "get") else None
+            if class_path:
+                import importlib
+
+                module, _, name = class_path.rpartition(".")
+                cls = getattr(importlib.import_module(module), name)
+                check_checkpoint_task(checkpoint, {"task": getattr(cls, "task", "base"), "class_path": class_path})
         super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -339,6 +124,9 @@ class TuneforgeCLI(LightningCLI):
                             help="Run group folder and W&B run name (default: the first --config file's name).")
         parser.add_argument("--export", type=bool, default=True,
                             help="After fit, write the best checkpoint as a Hugging Face folder (<run dir>/export).")
+        parser.add_argument("--push_to_hub", type=Optional[str], default=None,
+                            help="After fit, upload the export (with its model card) to this Hugging Face Hub repo id; "
+                                 "checked before training (offline mode, token, hub reachable).")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the best checkpoint when test data is configured.")
         parser.add_argument("--predictions_file", type=Optional[str], default=None,
@@ -346,6 +134,14 @@ class TuneforgeCLI(LightningCLI):
         parser.add_argument("--reference", type=Optional[dict[str, Any]], default=None,
                             help="Published results this experiment file reproduces (read by `python -m experiments`; "
                                  "training ignores it).")
+        parser.add_argument("--log_predictions", type=int, default=0,
+                            help="At every evaluation, a W&B Table of the first N examples of each evaluation set "
+                                 "(input, gold, prediction, score) and, for classification, a confusion matrix.")
+        parser.add_argument("--early_stopping", type=Optional[dict[str, Any]], default=None,
+                            help="Stop fitting when checkpoint.monitor stops improving: EarlyStopping's options "
+                                 "({patience: 3, min_delta: 0.0}); preset: configs/callbacks/early_stopping.yaml.")
+        parser.add_argument("--verbose_output", type=bool, default=False,
+                            help="Show every third-party message (W&B banners, Lightning notes, load reports).")
         parser.add_argument("--min_free_disk_mb", type=int, default=1024,
                             help="Stop before training when the output directory's disk has less free space (MB).")
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
@@ -360,6 +156,10 @@ class TuneforgeCLI(LightningCLI):
         run_name = cfg.run_name or ((experiments or configs)[0].stem if configs else "run")
         resume = self._resume_point(cfg, run_name) if sub == "fit" else {}
         check_output_dir(Path(cfg.output_dir), cfg.min_free_disk_mb, "output_dir")
+        if sub == "fit" and cfg.get("push_to_hub"):
+            if not cfg.export:
+                raise ConfigError("push_to_hub: uploads the export; it cannot go with --export false")
+            check_push_to_hub(cfg.push_to_hub)  # fails here, in one line, not after hours of training
         if cfg.checkpoint.dirpath is not None:
             check_output_dir(Path(cfg.checkpoint.dirpath), cfg.min_free_disk_mb, "checkpoint.dirpath")
         self.run_dir = Path(resume["run_dir"]) if resume.get("run_dir") else make_run_dir(cfg.output_dir, run_name, sub)
@@ -383,8 +183,18 @@ class TuneforgeCLI(LightningCLI):
             # the default config adds a progress bar; switching bars off must not be an error
             kept = [c for c in cfg.trainer.callbacks if "ProgressBar" not in str(c.get("class_path", ""))]
             fill(cfg.trainer, "callbacks", kept)
-        self.wandb_mode = None
+        self.wandb_mode, self.wandb_dir = None, self.run_dir
         loggers = cfg.trainer.logger
+        if not loggers and cfg.trainer.callbacks:
+            # no logger: the learning-rate monitor of the default config has nothing to log to
+            kept = [c for c in cfg.trainer.callbacks if "LearningRateMonitor" not in str(c.get("class_path", ""))]
+            fill(cfg.trainer, "callbacks", kept)
+
+        def own_dir(value: Any) -> bool:
+            """A logger save_dir that means "this run's directory": unset (WandbLogger's default is "."), the output root,
+            or "runs" (the presets' value: the default output root); any other directory is used as given."""
+            return value in (None, "", ".", "runs") or Path(str(value)).resolve() == Path(cfg.output_dir).resolve()
+
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if not hasattr(logger, "class_path"):
                 continue
@@ -393,17 +203,23 @@ class TuneforgeCLI(LightningCLI):
             if name == "WandbLogger":
                 self.wandb_mode, reason = choose_wandb_mode()
                 rank_zero_info(f"W&B: {self.wandb_mode} ({reason})")
-                fill(args, "save_dir", str(self.run_dir))
+                if own_dir(args.get("save_dir")):
+                    fill(args, "save_dir", str(self.run_dir))
+                self.wandb_dir = Path(str(args.get("save_dir")))
                 if not args.get("name"):
                     fill(args, "name", run_name)
+                # W&B looks for a git checkout in the run directory (never one) and warns; the run's config already
+                # holds this code's commit and dirty flag (run_info.json's "git", logged by RunConfigCallback)
+                os.environ.setdefault("WANDB_DISABLE_GIT", "true")
                 if resume.get("wandb_id") and not args.get("id"):  # continue the same W&B run
                     fill(args, "id", resume["wandb_id"])
                     fill(logger, "dict_kwargs", {**(logger.get("dict_kwargs") or {}), "resume": "allow"})
             elif name in ("CSVLogger", "TensorBoardLogger"):
-                fill(args, "save_dir", str(self.run_dir))
-                if args.get("name") in (None, "lightning_logs") and args.get("version") is None:
-                    fill(args, "name", "")
-                    fill(args, "version", "csv" if name == "CSVLogger" else "tensorboard")
+                if own_dir(args.get("save_dir")):
+                    fill(args, "save_dir", str(self.run_dir))
+                    if args.get("name") in (None, "lightning_logs") and args.get("version") is None:
+                        fill(args, "name", "")
+                        fill(args, "version", "csv" if name == "CSVLogger" else "tensorboard")
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "filled": filled}
 
     def _resume_point(self, cfg: Any, run_name: str) -> dict[str, Any]:
@@ -434,19 +250,51 @@ class TuneforgeCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks += [RunMetadata(str(self.run_dir)), ResumeState(), Preemption()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(progress_bar_for(sys.stdout))  # Rich in a terminal, whole lines in a file or CI log
+            if isinstance(callbacks[-1], RichProgressBar) and config.get("enable_model_summary") is not False and \
+                    not any(isinstance(c, ModelSummary) for c in callbacks):
+                callbacks.append(RichModelSummary(max_depth=1))
+        tables = self.config[self.subcommand].get("log_predictions") or 0
+        if tables < 0:
+            raise ConfigError(f"log_predictions: expected a number of examples >= 0, got {tables}")
+        if tables and self.subcommand != "predict":
+            callbacks.append(PredictionTables(tables))
+        early = self.config[self.subcommand].get("early_stopping")
+        if early and self.subcommand == "fit":
+            ckpt = self.config["fit"].checkpoint
+            if not ckpt.monitor:
+                raise ConfigError("early_stopping: needs checkpoint.monitor, the metric it watches")
+            try:
+                callbacks.append(EarlyStopping(monitor=ckpt.monitor, mode=ckpt.mode, **early))
+            except TypeError as e:
+                raise ConfigError(f"early_stopping: {first_line(e)}") from None
+        if self.subcommand == "predict":
+            path = self.config["predict"].predictions_file or str(self.run_dir / "predictions.jsonl")
+            callbacks.append(PredictionsWriter(path))
         if config.get("enable_checkpointing") is False:  # the checkpoint section adds one unless switched off
             callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
-        trainer = self._instantiate_trainer(config, callbacks)
+        try:
+            trainer = self._instantiate_trainer(config, callbacks)
+        except MisconfigurationException as e:  # e.g. --trainer.accelerator gpu on a machine without one
+            raise ConfigError(f"trainer: {first_line(e)}") from None
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
+                quiet_wandb_logger(logger)
                 guard_logger(logger)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one a strategy or the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
     def after_instantiate_classes(self) -> None:
-        if isinstance(self.model, TransformerModule):
-            self.model.predictions_file = self.config[self.subcommand].predictions_file or str(self.run_dir / "predictions.jsonl")
+        """The one hand-off between model and data (lit_modules.schema.connect), and what the data decides about
+        checkpointing."""
+        if isinstance(self.model, TransformerModule) and isinstance(self.datamodule, TransformerDataModule):
+            connect(self.model, self.datamodule)
+            if self.subcommand == "fit" and not self.datamodule.has_split("validation"):
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, BestCheckpoint):
+                        callback.without_validation()
 
     def after_fit(self) -> None:
         cfg = self.config["fit"]
@@ -456,22 +304,87 @@ class TuneforgeCLI(LightningCLI):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         results: dict[str, Any] = {"best_checkpoint": best or None}
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
-            results[trainer.checkpoint_callback.monitor] = float(trainer.checkpoint_callback.best_model_score)
+            monitor = trainer.checkpoint_callback.monitor
+            results[monitor] = float(trainer.checkpoint_callback.best_model_score)
+            self._summarise_best(monitor, results[monitor], trainer.checkpoint_callback.best_model_path)
         speed = next((c for c in trainer.callbacks if isinstance(c, RunMetadata)), None)
         if speed is not None and speed.samples_per_second:
-            results["train_seconds"] = round(speed.train_seconds, 2)
-            results["train_samples_per_second"] = round(speed.samples_per_second, 2)
+            # unrounded: a short run's seconds rounded to 2 decimals would skew samples / seconds by percents
+            results["train_seconds"] = speed.train_seconds
+            results["train_samples_per_second"] = speed.samples_per_second
         if cfg.test_after_fit and isinstance(dm, TransformerDataModule) and dm.has_split("test"):
             metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=True)
-            results["test"] = metrics[0] if metrics else {}
+            results["test"] = {k: v for per_set in metrics for k, v in per_set.items()}  # one dict per named test set
         elif best:
             restore_weights(trainer, best)
         if cfg.export and isinstance(model, TransformerModule):
             state = full_state_dict(trainer, best or None)  # every process: FSDP gathers its shards here
             if trainer.is_global_zero:
-                results["export"] = str(model.export(self.run_dir / "export", state_dict=state))
+                export = model.export(self.run_dir / "export", state_dict=state)
+                results["export"] = str(export)
+                self._model_card(export, results, speed)
+                if cfg.get("push_to_hub"):
+                    results["hub"] = push_to_hub(export, cfg.push_to_hub)
         if trainer.is_global_zero:
             self._finish(results)
+
+    def _summarise_best(self, monitor: str, score: float, path: str) -> None:
+        """The W&B run summary holds the best score and its epoch (the dashboard's runs table shows them)."""
+        import re
+
+        match = re.search(r"epoch(\d+)", Path(path).name) if path else None
+        for logger in self.trainer.loggers:
+            if type(logger).__name__ == "WandbLogger" and self.trainer.is_global_zero:
+                try:
+                    logger.experiment.summary[f"best/{monitor}"] = score
+                    if match:
+                        logger.experiment.summary["best/epoch"] = int(match.group(1))
+                except Exception as e:  # noqa: BLE001 - the summary is a convenience; the run is done
+                    from lightning.pytorch.utilities import rank_zero_warn
+
+                    rank_zero_warn(f"W&B summary not written ({type(e).__name__}: {first_line(e)})")
+
+    def _model_card(self, export: Path, results: dict[str, Any], speed: Optional[RunMetadata]) -> None:
+        """The export's README.md in the Hugging Face model-card format (metadata, results, hyper-parameters,
+        per-epoch validation, versions, the command); a card that cannot be written is a warning, not a failure."""
+        model, dm, cfg = self.model, self.datamodule, self.config["fit"]
+        tag = model.hub_pipeline_tag()
+        if tag is None:
+            return
+        monitor = self.trainer.checkpoint_callback.monitor if self.trainer.checkpoint_callback else None
+        history = speed.validation_history if speed is not None else []
+        best = None
+        if monitor and monitor in results and history:
+            better = max if getattr(self.trainer.checkpoint_callback, "mode", "min") == "max" else min
+            row = better((r for r in history if monitor in r), key=lambda r: r[monitor], default=None)
+            best = (monitor, results[monitor], row["epoch"]) if row else None
+        datasets = [str(p) for p in (getattr(dm, "files", {}) or {}).values() if p] or \
+            [getattr(dm, "dataset_name", None) or "unknown"]
+        hp = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and v is not None}
+        hp.update({f"data.{k}": v for k, v in dict(getattr(dm, "hparams", {})).items()
+                   if v is not None and not k.endswith("_file")})
+        hp.update({f"trainer.{k}": cfg.trainer.get(k) for k in ("max_epochs", "max_steps", "precision",
+                                                                 "accumulate_grad_batches", "gradient_clip_val")
+                   if cfg.trainer.get(k) not in (None, -1)})
+        hp["seed"] = self.config["fit"].get("seed_everything")
+        try:
+            from importlib.metadata import version
+
+            info = json.loads((self.run_dir / "run_info.json").read_text()) if (self.run_dir / "run_info.json").is_file() \
+                else {}
+            config_yaml = (self.run_dir / "config.yaml").read_text() if (self.run_dir / "config.yaml").is_file() else None
+            versions = {**(info.get("versions") or {}), "huggingface_hub": version("huggingface_hub")}
+            write_model_card(export, pipeline_tag=tag, base_model=model.model_name_or_path, datasets=datasets,
+                             dataset_config=getattr(dm, "dataset_config_name", None),
+                             metrics=results.get("test") or {}, best_validation=best, hyperparameters=hp,
+                             validation_history=history, versions=versions,
+                             command=info.get("command") or [sys.executable, *sys.argv],
+                             peft_method=peft_type(model.peft_config) if model.peft_config is not None else None,
+                             git_commit=(info.get("git") or {}).get("commit"), config_yaml=config_yaml)
+        except Exception as e:  # noqa: BLE001 - the export is done; a card problem must not fail the run
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"model card not written ({type(e).__name__}: {first_line(e)})")
 
     def after_validate(self) -> None:
         self._finish({"validate": self._metrics()})
@@ -480,7 +393,9 @@ class TuneforgeCLI(LightningCLI):
         self._finish({"test": self._metrics()})
 
     def after_predict(self) -> None:
-        self._finish({"predictions": self.model.predictions_file})
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionsWriter)), None)
+        files = [str(p) for p in (writer.written if writer is not None else []) if p.suffix == ".jsonl"]
+        self._finish({"predictions": files[0] if len(files) == 1 else files or None})
 
     def _metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.trainer.callback_metrics.items()}
@@ -490,21 +405,27 @@ class TuneforgeCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        wandb_dirs = sorted((self.run_dir / "wandb").glob("*run-*")) if self.wandb_mode else []
+        finish_wandb()  # W&B writes its last files now, so that the summary below is the last thing printed
+        wandb_dirs = sorted((self.wandb_dir / "wandb").glob("*run-*")) if self.wandb_mode else []
         wandb_dir = wandb_dirs[-1] if wandb_dirs else None  # a resumed run adds one folder per launch
         results = {"run_dir": str(self.run_dir), "wandb_run": str(wandb_dir) if wandb_dir else None, **results}
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        lines = [f"Run directory:   {self.run_dir}"]
+        lines = [f"Run directory:   {_shown(self.run_dir)}"]
         if wandb_dir is not None:
-            target = wandb_dir if len(wandb_dirs) == 1 else self.run_dir / "wandb" / "offline-run-*"
-            sync = f" (offline; upload later with: wandb sync {target})" if self.wandb_mode == "offline" else ""
-            lines.append(f"W&B run:         {wandb_dir}{sync}")
+            sync = ""
+            if self.wandb_mode == "offline":  # every launch of a resumed run has its own offline folder
+                sync = f" (offline; upload later with: wandb sync {' '.join(_shown(d) for d in wandb_dirs)})"
+            lines.append(f"W&B run:         {_shown(wandb_dir)}{sync}")
         if results.get("best_checkpoint"):
-            lines.append(f"Best checkpoint: {results['best_checkpoint']}")
+            lines.append(f"Best checkpoint: {_shown(results['best_checkpoint'])}")
         if results.get("export"):
-            lines.append(f"Export:          {results['export']}  (transformers.pipeline(task, model=this folder))")
+            lines.append(f"Export:          {_shown(results['export'])}  (transformers.pipeline(task, model=this folder); "
+                         "model card: README.md)")
+        if results.get("hub"):
+            lines.append(f"Hub:             {results['hub']}")
         if results.get("predictions"):
-            lines.append(f"Predictions:     {results['predictions']}")
+            shown = results["predictions"] if isinstance(results["predictions"], list) else [results["predictions"]]
+            lines.append(f"Predictions:     {', '.join(_shown(p) for p in shown)}")
         for stage in ("validate", "test"):
             if results.get(stage):
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(results[stage].items()) if "/" in k)
@@ -512,64 +433,141 @@ class TuneforgeCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
-def check_output_dir(directory: Path, min_free_mb: int, key: str) -> None:
-    """Before anything is built: the output directory can be created and written, and its disk has room."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"{key}: {existing} is a file, not a directory")
-    try:  # a real write: permissions, read-only mounts and ACLs all show here (os.access misses some)
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tuneforge-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot write to {directory} ({existing}: {e.strerror or e})") from None
-    free_mb = shutil.disk_usage(existing).free / 2**20
-    if free_mb < min_free_mb:
-        raise ConfigError(f"{key}: only {free_mb:.0f} MB free on the disk of {existing}, less than "
-                          f"min_free_disk_mb={min_free_mb} (free space or set --min_free_disk_mb)")
+def check_config_files(argv: list[str]) -> None:
+    """Every ``--config`` file exists and is valid YAML, or one line names the file (and line) that is not."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_file():
+            if ":" in path or "{" in path:  # jsonargparse also takes the YAML itself as the value
+                continue
+            raise ConfigError(f"--config {path}: {'is a directory' if p.is_dir() else 'no such file'}")
+        try:
+            yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            problem = getattr(e, "problem", None) or first_line(e)
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a config file?") from None
 
 
-def _remove_unfinished_run(run_dir: Optional[Path]) -> None:
-    """After a user error, remove the run directory if nothing worth keeping (a checkpoint) was written."""
-    if run_dir is None or not run_dir.exists():
-        return
-    if any(run_dir.rglob("*.ckpt")):
-        return
-    _finish_wandb()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    parent = run_dir.parent
-    if parent.exists() and not any(parent.iterdir()):
-        parent.rmdir()
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments with ``--ckpt_path last``."""
+    import shlex
+
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    return shlex.join(["python", "train.py", *args, "--ckpt_path", "last"])
+
+
+def _shown(path: Path | str) -> str:
+    """A path relative to the working directory when it lies below it (as the user typed the other paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _run_dir() -> Optional[Path]:
+    return Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None
+
+
+def _verbose_flag(argv: list[str]) -> bool:
+    """``--verbose_output`` / ``--verbose_output true`` / ``--verbose_output=true`` on the command line (read before the
+    parser runs: the noise it controls starts at import time). (``--verbose`` is LightningCLI's own, for validate /
+    test: it prints the metrics table.)"""
+    for i, arg in enumerate(argv):
+        if arg == "--verbose_output":
+            return i + 1 >= len(argv) or argv[i + 1].lower() not in ("false", "0", "no")
+        if arg.startswith("--verbose_output="):
+            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+    return os.environ.get("TUNEFORGE_VERBOSE", "").lower() in ("1", "true", "yes")
+
+
+def _sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C outside training (which Preemption handles): remembered, so the exit code says so, then the usual
+    KeyboardInterrupt."""
+    global _SIGINT_SEEN
+    _SIGINT_SEEN = True
+    raise KeyboardInterrupt
+
+
+_SIGINT_SEEN = False
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    """Run the CLI; user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
+    global _SIGINT_SEEN
+    import signal
+
     if os.environ.get("LOCAL_RANK") is None:  # a fresh launch, not a DDP worker of this run
         os.environ.pop("TUNEFORGE_RUN_DIR", None)
+    argv = [str(a) for a in args] if args is not None else sys.argv[1:]
+    _SIGINT_SEEN = Preemption.ctrl_c = False
+    configure_terminal(_verbose_flag(argv))
+    previous = signal.getsignal(signal.SIGINT)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, _sigint)
+        except ValueError:  # not the main thread
+            pass
     try:
         TuneforgeCLI(args=args)
-    except SIGTERMException:  # SIGTERM / SIGUSR1: last.ckpt was saved after the running batch
-        run_dir = os.environ.get("TUNEFORGE_RUN_DIR")
-        sys.stderr.write(f"Stopped by a signal; continue with the same command plus --ckpt_path last (run {run_dir})\n")
+    except Stopped as e:  # SIGINT / SIGTERM / SIGUSR1 during training: last.ckpt was saved after the running batch
+        name = signal.Signals(e.signum).name if e.signum is not None else "a signal on another process"
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            sys.stderr.write(f"Stopped by {name} at step {e.step}. Saved {_shown(e.checkpoint)}\n"
+                             f"Run directory:   {_shown(_run_dir() or '')}\n"
+                             f"Continue with:   {resume_command(argv)}\n")
+        return 128 + signal.SIGINT if e.signum == signal.SIGINT else 0
+    except SIGTERMException:
+        sys.stderr.write(f"Stopped by a signal; continue with: {resume_command(argv)}\n")
         return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("Interrupted (Ctrl-C)\n")
+        remove_unfinished_run(_run_dir())
+        return 130
+    except SystemExit as e:
+        if not (_SIGINT_SEEN or Preemption.ctrl_c) or e.code in (0, None):  # Lightning ends a Ctrl-C with exit 1
+            raise
+        sys.stderr.write(f"Interrupted (Ctrl-C); the checkpoints written so far are kept in {_shown(_run_dir() or '')}\n")
+        remove_unfinished_run(_run_dir())
+        return 130
     except NonFiniteLossError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
     except PreparationInterrupted as e:  # SIGINT / SIGTERM before training: nothing worth keeping was written
         sys.stderr.write(f"error: {e}\n")
-        _remove_unfinished_run(Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None)
+        remove_unfinished_run(Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None)
         return 128 + e.signum
     except Exception as e:
         user_error = _user_error(e)
         if user_error is None:
             raise
         sys.stderr.write(f"error: {user_error}\n")
-        _remove_unfinished_run(Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None)
+        remove_unfinished_run(Path(os.environ["TUNEFORGE_RUN_DIR"]) if os.environ.get("TUNEFORGE_RUN_DIR") else None)
         return 2
     finally:
-        _finish_wandb()
+        finish_wandb()
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except (ValueError, TypeError):
+            pass
     return 0
 
 
@@ -582,15 +580,6 @@ def _user_error(error: BaseException) -> Optional[BaseException]:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run of this process, so its files are complete when train.py returns."""
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 if __name__ == "__main__":

@@ -3,25 +3,31 @@
 file or hub dataset -> reader -> canonical records -> tokenised, cached features -> padded batch
 
 A task subclass says only what differs: how raw records become canonical columns
-(:meth:`TransformerDataModule.canonical_columns`) and how a batch of canonical columns is tokenised
-(:meth:`TransformerDataModule.encode`). Everything else lives here: reading, sample limits,
+(:meth:`TransformerDataModule.canonical_columns`), how a batch of canonical columns is tokenised
+(:meth:`TransformerDataModule.encode`) and what the model needs to know about the data
+(:meth:`TransformerDataModule.resolve_schema`). Everything else lives here: reading, sample limits,
 tokenising once (rank 0, in ``prepare_data``) into an on-disk cache keyed by everything that
 affects the result, dynamic padding, length-grouped training batches and length-sorted
-evaluation batches.
+evaluation batches. The tokenizer and the model's facts arrive once, through :meth:`connect`
+(``lit_modules.schema.connect``); what the model needs goes back through ``self.schema``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
+import importlib.metadata
 import itertools
 import os
 import signal
+import site
+import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from types import ModuleType
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +36,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
-from datamodules.readers import DataError, check_data_file, read_records
+from datamodules.readers import check_data_file, check_encoding, read_records
+from lit_modules.errors import DataError
+from lit_modules.schema import DataSchema, ModelFacts, SplitData
 
 SPLITS = ("train", "validation", "test", "predict")
 # Which splits each trainer entry point needs; ``fit`` also validates when a validation split exists.
@@ -40,7 +48,9 @@ STAGE_SPLITS = {
     TrainerFn.TESTING: ("test",),
     TrainerFn.PREDICTING: ("predict",),
 }
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+# packages whose versions change what a tokenizer produces (part of the feature cache key)
+TOKENISATION_PACKAGES = ("transformers", "tokenizers", "sentencepiece", "datasets", "pyarrow")
 
 
 class PreparationInterrupted(RuntimeError):
@@ -83,6 +93,64 @@ def _signals_interrupt(stage: str) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _library_dirs() -> tuple[str, ...]:
+    dirs = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], *site.getsitepackages()}
+    dirs.add(site.getusersitepackages())
+    return tuple(str(Path(d).resolve()) for d in dirs if d)
+
+
+def _own_module(module: ModuleType | None, libraries: tuple[str, ...]) -> str | None:
+    """The source file of ``module`` when it is project code (not the standard library or an installed package)."""
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return None
+    resolved = str(Path(path).resolve())
+    return None if resolved.startswith(libraries) else resolved
+
+
+def feature_code_fingerprint(cls: type) -> str:
+    """A hash of the source of every project module that shapes the features ``cls`` builds.
+
+    Starts from the modules of ``cls`` and its base classes, and follows, to a fixed point, every project
+    module whose functions, classes or submodules those modules use (readers, helpers, the schema), so that
+    editing any of them invalidates cached features. Installed packages count through their versions
+    instead (:data:`TOKENISATION_PACKAGES`).
+    """
+    libraries = _library_dirs()
+    files: dict[str, ModuleType] = {}
+    todo = [sys.modules.get(k.__module__) for k in cls.__mro__]
+    while todo:
+        module = todo.pop()
+        path = _own_module(module, libraries)
+        if path is None or path in files:
+            continue
+        files[path] = module  # type: ignore[assignment]
+        for value in vars(module).values():
+            used = value if isinstance(value, ModuleType) else sys.modules.get(getattr(value, "__module__", "") or "")
+            if used is not None and used is not module:
+                todo.append(used)
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(path.rsplit(os.sep, 2)[-2:].__repr__().encode())
+        h.update(Path(path).read_bytes())
+    for package in TOKENISATION_PACKAGES:
+        try:
+            h.update(f"{package}={importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return h.hexdigest()
+
+
+def check_set_name(name: Any, key: str) -> str:
+    """A named evaluation set's name: letters, digits, ``_``, ``-`` and ``.`` (it becomes part of metric names like
+    ``val/<name>/f1`` and of file names)."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise DataError(f"{key}: set names may hold letters, digits, '_', '-' and '.', got {name!r}")
+    return name
+
+
 def default_cache_dir() -> Path:
     """``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``: where tokenised features are kept between launches."""
     return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
@@ -92,10 +160,13 @@ class TransformerDataModule(LightningDataModule):
     """Base data module: local files (csv, tsv, json, jsonl, parquet) or a Hugging Face hub dataset.
 
     Args:
-        train_file / validation_file / test_file / predict_file: local data files, one per split.
+        train_file / validation_file / test_file / predict_file: local data files, one per split. The evaluation
+            splits also take several named sets, ``{name: file}`` (in-domain and out-of-domain side by side):
+            each is evaluated, logged (``val/<name>/f1``) and predicted (``predictions.<name>.jsonl``) on its own.
         dataset_name / dataset_config_name: a hub dataset (``datasets.load_dataset``), used for the
             splits that have no file.
-        hub_splits: hub split name per split when they are not ``train`` / ``validation`` / ``test``.
+        hub_splits: hub split name per split when they are not ``train`` / ``validation`` / ``test``; an
+            evaluation split may map names to hub splits (``{validation: {matched: validation_matched, ...}}``).
         max_seq_length: longer inputs are truncated (tasks that window long inputs say so).
         max_train_samples / max_eval_samples / max_predict_samples: keep only the first N records.
         batch_size / eval_batch_size: per-process batch sizes (eval defaults to ``2 * batch_size``).
@@ -104,6 +175,8 @@ class TransformerDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: where tokenised features are cached (default ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``).
         overwrite_cache: tokenise again even when a cached copy exists.
+        encoding: the text encoding of the data files (``utf-8``; ``latin-1``, ``cp1252``, ... for legacy files).
+            Files may also be compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``): read as decompressed text.
     """
 
     task_name = "base"
@@ -115,12 +188,12 @@ class TransformerDataModule(LightningDataModule):
     def __init__(
         self,
         train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
+        validation_file: str | dict[str, str] | None = None,
+        test_file: str | dict[str, str] | None = None,
+        predict_file: str | dict[str, str] | None = None,
         dataset_name: str | None = None,
         dataset_config_name: str | None = None,
-        hub_splits: dict[str, str] | None = None,
+        hub_splits: dict[str, str | dict[str, str]] | None = None,
         max_seq_length: int = 128,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
@@ -132,13 +205,26 @@ class TransformerDataModule(LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         overwrite_cache: bool = False,
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.files = {"train": train_file, "validation": validation_file, "test": test_file, "predict": predict_file}
+        self.encoding = check_encoding(encoding)
+        # split key -> file: "validation", or "validation/<name>" for each of several named evaluation sets
+        self.files: dict[str, Any] = {}
+        self.eval_sets: dict[str, list[str]] = {}  # evaluation split -> its set names in order ([]: one, unnamed)
+        for split, value in (("train", train_file), ("validation", validation_file), ("test", test_file),
+                             ("predict", predict_file)):
+            self.files[split] = None if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                if split == "train":
+                    raise DataError("data.train_file: expected one file (named sets are for evaluation splits)")
+                self.eval_sets[split] = [check_set_name(name, f"data.{split}_file") for name in value]
+                self.files.update({f"{split}/{name}": path for name, path in value.items()})
         for split, path in self.files.items():
             if path is not None:
-                self.check_file(path, f"data.{split}_file")
+                kind, _, name = split.partition("/")
+                self.check_file(path, f"data.{kind}_file" + (f".{name}" if name else ""))
         if max_seq_length < 8:
             raise DataError(f"data.max_seq_length: expected an integer >= 8, got {max_seq_length}")
         for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
@@ -149,7 +235,18 @@ class TransformerDataModule(LightningDataModule):
             raise DataError(f"data.batch_size: expected a positive integer, got {batch_size}")
         self.dataset_name = dataset_name
         self.dataset_config_name = dataset_config_name
-        self.hub_splits = {"train": "train", "validation": "validation", "test": "test", **(hub_splits or {})}
+        self.hub_splits: dict[str, str] = {"train": "train", "validation": "validation", "test": "test"}
+        for split, value in (hub_splits or {}).items():
+            if isinstance(value, dict):
+                names = [check_set_name(name, f"data.hub_splits.{split}") for name in value]
+                if self.eval_sets.get(split) and self.eval_sets[split] != names:
+                    raise DataError(f"data.hub_splits.{split}: names {names} differ from data.{split}_file's "
+                                    f"{self.eval_sets[split]}")
+                self.eval_sets[split] = names
+                self.hub_splits.pop(split, None)
+                self.hub_splits.update({f"{split}/{name}": hub for name, hub in value.items()})
+            else:
+                self.hub_splits[split] = value
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
@@ -158,7 +255,9 @@ class TransformerDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.overwrite_cache = overwrite_cache
-        self.tokenizer: Any = None  # set by attach_tokenizer or taken from the model at prepare/setup time
+        self.tokenizer: Any = None  # the model's, handed over by connect()
+        self.facts = ModelFacts()  # what the model fixes (label set, layout, length limit), handed over by connect()
+        self.schema = DataSchema(task=self.task_name, encode=self.encode)  # what the model gets back, filled in setup
         self.datasets: dict[str, Any] = {}
         self._hub: Any = None
         # tokenise once per job (global rank 0), not once per node; other nodes load the shared cache
@@ -167,7 +266,8 @@ class TransformerDataModule(LightningDataModule):
     # ---- what a task defines -------------------------------------------------------------------
 
     def canonical_columns(self, records: list[dict[str, Any]], lines: list[int], split: str, source: str) -> dict[str, list]:
-        """Turn raw records into the task's canonical columns (validate here, naming ``source:line``)."""
+        """Turn raw records into the task's canonical columns (validate here, naming ``source:line``). ``split`` is the
+        split's kind (``train``, ``validation``, ``test``, ``predict``), also for one of several named sets."""
         raise NotImplementedError
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
@@ -179,15 +279,29 @@ class TransformerDataModule(LightningDataModule):
         return {"max_seq_length": self.max_seq_length}
 
     def schema_splits(self) -> tuple[str, ...]:
-        """Splits to load in any stage because the model still needs something from them (its label set)."""
+        """Splits to load in any stage because the schema still needs something from them (the training data's
+        label set when the model has none yet)."""
         return ()
 
-    def on_features_ready(self, stage: str | None) -> None:
-        """Called at the end of :meth:`setup` once the stage's splits are loaded (labels are resolved here)."""
+    def resolve_schema(self, stage: str | None) -> None:
+        """Fill ``self.schema`` once the stage's splits are loaded (``self.datasets``): the label set, anything
+        the model needs to build its head or score, and per-split evaluation data in ``self.schema.splits``
+        (each split already has a :class:`~lit_modules.schema.SplitData` holding its feature table)."""
 
     def extra_batch_columns(self, split: str) -> dict[str, np.ndarray]:
         """Per-example arrays added to every batch of ``split`` (for example label ids)."""
         return {}
+
+    def make_collator(self, split: str, pad: dict[str, int]) -> Callable[[Any], dict[str, torch.Tensor]]:
+        """The function that turns one batch of feature rows into tensors (default: :class:`Collator`, dynamic
+        padding). ``pad``: the padding value of every list-valued model input."""
+        return Collator(pad, self._get_tokenizer().padding_side, self.pad_to_multiple_of, self.position_columns)
+
+    def check_lengths(self, max_positions: int | None, model_name: str) -> None:
+        """Refuse length options the model cannot take (its position embeddings), before anything is read."""
+        if max_positions is not None and self.max_seq_length > max_positions:
+            raise DataError(f"data.max_seq_length: {self.max_seq_length} is more than {model_name} takes "
+                            f"({max_positions} positions); set at most {max_positions}")
 
     def check_file(self, path: str, key: str) -> None:
         """Fail early (while the config is read) when a data file is missing or of a type this task cannot read."""
@@ -195,34 +309,45 @@ class TransformerDataModule(LightningDataModule):
 
     def read_file(self, path: str) -> tuple[list[dict[str, Any]], list[int]]:
         """Read one local data file into records and the line number where each starts."""
-        return read_records(path)
+        return read_records(path, self.encoding)
 
-    # ---- tokenizer -----------------------------------------------------------------------------
+    # ---- the hand-off from the model --------------------------------------------------------
 
-    def attach_tokenizer(self, tokenizer: Any) -> None:
-        """Use this tokenizer (normally the model's own, found automatically through the trainer)."""
+    def connect(self, tokenizer: Any, facts: ModelFacts | None = None) -> None:
+        """Take the model's tokenizer and facts (``lit_modules.schema.connect`` calls this; tests and tools that
+        use a data module alone pass a tokenizer, and facts when the feature layout depends on them)."""
         self.tokenizer = tokenizer
+        self.facts = facts or ModelFacts(task=self.task_name)
+        self.check_lengths(self.facts.max_positions, self.facts.model_name)
 
     def _get_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            model = self.trainer.lightning_module if self.trainer is not None else None
-            tokenizer = getattr(model, "tokenizer", None)
-            if tokenizer is None:
-                raise RuntimeError("no tokenizer: attach one with attach_tokenizer() or use a model that has one")
-            self.tokenizer = tokenizer
+            raise RuntimeError(f"{type(self).__name__} has no tokenizer: connect it to its model first "
+                               "(lit_modules.schema.connect(model, data), or data.connect(tokenizer))")
         return self.tokenizer
 
     # ---- splits and sources --------------------------------------------------------------------
 
+    @staticmethod
+    def kind(split: str) -> str:
+        """``train``, ``validation``, ``test`` or ``predict`` of a split key (``validation/xquad`` -> ``validation``)."""
+        return split.partition("/")[0]
+
+    def split_keys(self, kind: str) -> list[str]:
+        """The split keys of ``kind``: ``[kind]``, or ``kind/<name>`` per named set, in the configured order."""
+        names = self.eval_sets.get(kind)
+        return [f"{kind}/{name}" for name in names] if names else [kind]
+
     def has_split(self, split: str) -> bool:
-        """Whether this run will have data for ``split``."""
-        return self._has_source(split)
+        """Whether this run will have data for ``split`` (a kind: any of its named sets counts)."""
+        return any(self._has_source(key) for key in self.split_keys(split)) if "/" not in split else \
+            self._has_source(split)
 
     def _has_source(self, split: str) -> bool:
-        """Whether a file or hub dataset provides ``split``."""
-        if self.files[split] is not None:
+        """Whether a file or hub dataset provides ``split`` (a split key)."""
+        if self.files.get(split) is not None:
             return True
-        if self.dataset_name is None or split == "predict":
+        if self.dataset_name is None or self.kind(split) == "predict":
             return False
         return self.hub_splits.get(split) in self._hub_split_names()
 
@@ -238,21 +363,21 @@ class TransformerDataModule(LightningDataModule):
                   "predict": TrainerFn.PREDICTING}[str(stage)]
         wanted = STAGE_SPLITS[fn] if fn is not None else SPLITS
         wanted = (*wanted, *(s for s in self.schema_splits() if s not in wanted))
-        splits = [s for s in wanted if self._has_source(s)]
+        splits = [key for kind in wanted for key in self.split_keys(kind) if self._has_source(key)]
         needed = {TrainerFn.FITTING: "train", TrainerFn.VALIDATING: "validation", TrainerFn.TESTING: "test",
                   TrainerFn.PREDICTING: "predict"}.get(fn)
-        if needed is not None and needed not in splits:
+        if needed is not None and needed not in {self.kind(s) for s in splits}:
             hint = f"data.{needed}_file" + (" (or a hub dataset with that split)" if needed != "predict" else "")
             raise DataError(f"{fn.value} needs {needed} data: set {hint}")
         return splits
 
     def _source_name(self, split: str) -> str:
-        if self.files[split] is not None:
+        if self.files.get(split) is not None:
             return str(self.files[split])
         return f"{self.dataset_name}{'/' + self.dataset_config_name if self.dataset_config_name else ''}[{self.hub_splits[split]}]"
 
     def _read_split(self, split: str) -> tuple[list[dict[str, Any]], list[int]]:
-        if self.files[split] is not None:
+        if self.files.get(split) is not None:
             return self.read_file(self.files[split])
         import datasets
 
@@ -275,7 +400,7 @@ class TransformerDataModule(LightningDataModule):
 
     def _max_samples(self, split: str) -> int | None:
         return {"train": self.hparams.max_train_samples, "predict": self.hparams.max_predict_samples}.get(
-            split, self.hparams.max_eval_samples
+            self.kind(split), self.hparams.max_eval_samples
         )
 
     # ---- caching -------------------------------------------------------------------------------
@@ -284,7 +409,7 @@ class TransformerDataModule(LightningDataModule):
         from datasets.fingerprint import Hasher
 
         h = hashlib.sha256()
-        if self.files[split] is not None:
+        if self.files.get(split) is not None:
             with open(self.files[split], "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
@@ -296,12 +421,14 @@ class TransformerDataModule(LightningDataModule):
             "split": split,
             "max_samples": self._max_samples(split),
             "params": self.cache_key_params(),
+            "encoding": self.encoding,
             "tokenizer": Hasher.hash(self._get_tokenizer()),
-            # the code that builds features is part of the key: editing it invalidates old caches
-            "code": [inspect.getsource(type(self).canonical_columns), inspect.getsource(type(self).encode)],
+            # the code that builds features (every project module involved) and the versions of the packages
+            # that tokenise are part of the key: editing either invalidates old caches
+            "code": feature_code_fingerprint(type(self)),
         }
         h.update(repr(key).encode())
-        return self.cache_dir / self.task_name / f"{split}-{h.hexdigest()[:20]}.arrow"
+        return self.cache_dir / self.task_name / f"{split.replace('/', '__')}-{h.hexdigest()[:20]}.arrow"
 
     def _load_split(self, split: str, build: bool) -> Any:
         """The split's features from the cache; with ``build`` create them first when missing."""
@@ -320,7 +447,7 @@ class TransformerDataModule(LightningDataModule):
         limit = self._max_samples(split)
         if limit is not None:
             records, lines = records[:limit], lines[:limit]
-        columns = self.canonical_columns(records, lines, split, self._source_name(split))
+        columns = self.canonical_columns(records, lines, self.kind(split), self._source_name(split))
         columns.setdefault("line", lines)  # a task that drops or splits records returns its own line column
         ds = datasets.Dataset.from_dict(columns)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +464,9 @@ class TransformerDataModule(LightningDataModule):
 
     def _encode_with_length(self, batch: dict[str, list]) -> dict[str, list]:
         out = self.encode(batch)
-        out["length"] = [len(ids) for ids in out["input_ids"]]
+        # tokens per example (summed over the sequences of tasks with several per example, e.g. answer choices):
+        # what batches are grouped and sorted by
+        out["length"] = [sum(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids) for ids in out["input_ids"]]
         return out
 
     # ---- Lightning hooks -----------------------------------------------------------------------
@@ -353,14 +482,19 @@ class TransformerDataModule(LightningDataModule):
             for split in self._stage_splits(stage):
                 # prepare_data ran on global rank 0 only; without a trainer (tests, notebooks) build here
                 self.datasets[split] = self._load_split(split, build=self.trainer is None or self.trainer.world_size == 1)
-            self.on_features_ready(stage)
+            self.schema.splits = {split: SplitData(table=ds) for split, ds in self.datasets.items()}
+            self.schema.eval_sets = {kind: list(self.eval_sets.get(kind, [])) for kind in ("validation", "test", "predict")}
+            self.resolve_schema(stage)
+            for split, ds in self.datasets.items():  # a task may have replaced a split (few-shot draws)
+                self.schema.splits.setdefault(split, SplitData()).table = ds
+            self.schema.resolved = True
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.group_by_length:
             # under DDP the groups span one batch of every process, so each process's batches stay grouped
-            sampler: Sampler = LengthGroupedSampler(np.asarray(ds["length"]), self.batch_size * world)
+            sampler: Sampler = LengthGroupedSampler(ds["length"], self.batch_size * world)
         else:
             sampler = ShuffleSampler(len(ds))
         if world > 1:
@@ -369,13 +503,19 @@ class TransformerDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         # no validation data: an empty list tells Lightning to skip validation
-        return self._eval_loader("validation") if "validation" in self.datasets else []
+        return self._eval_loaders("validation")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loaders("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict")
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loaders("predict")
+
+    def _eval_loaders(self, kind: str) -> DataLoader | list:
+        """One loader for a single evaluation set, a list (in the configured order) for several named ones."""
+        if not self.eval_sets.get(kind):
+            return self._eval_loader(kind) if kind in self.datasets else []
+        return [self._eval_loader(key) for key in self.split_keys(kind) if key in self.datasets]
 
     def _eval_loader(self, split: str) -> DataLoader:
         lengths = np.asarray(self.datasets[split]["length"])
@@ -392,7 +532,7 @@ class TransformerDataModule(LightningDataModule):
         tokenizer = self._get_tokenizer()
         pad = {k: (tokenizer.pad_token_id if v is None else v) for k, v in self.model_input_pad.items()}
         features = BatchFetcher(self.datasets[split], pad, self.extra_batch_columns(split))
-        collate = Collator(pad, tokenizer.padding_side, self.pad_to_multiple_of, self.position_columns)
+        collate = self.make_collator(split, pad)
         common = {
             "collate_fn": collate,
             "num_workers": self.num_workers,
@@ -475,19 +615,23 @@ class Collator:
 
 
 class LengthGroupedSampler(Sampler[int]):
-    """Random order where each run of ``batch_size`` indices has similar lengths.
-
-    As Hugging Face's ``group_by_length``: shuffle, cut into mega-batches of ``mega_factor``
-    batches, sort each mega-batch by length, and put the batch holding the longest example first.
-    The order depends only on the global seed and the epoch (``set_epoch``), so runs repeat exactly.
+    """Random order where each run of ``batch_size`` indices has similar lengths: Hugging Face's
+    ``group_by_length`` order (``transformers.trainer_pt_utils.get_length_grouped_indices``: shuffle, cut into
+    mega-batches, sort each by length, the longest example first), drawn from a generator seeded by the global
+    seed and the epoch (``set_epoch``) so that a run and its resumed copy see the same order, and able to leave
+    out the consumed start of an epoch (``skip``) without reading it. transformers' own ``LengthGroupedSampler``
+    has neither the per-epoch seed nor the skip.
     """
 
     skip = 0  # indices to leave out at the start of the next epoch (set once by ResumableDataLoader)
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, mega_factor: int = 50, seed: int | None = None) -> None:
-        self.lengths = np.asarray(lengths)
+    def __init__(self, lengths: list[int] | np.ndarray, batch_size: int, mega_factor: int = 50,
+                 seed: int | None = None) -> None:
+        self.lengths = [int(n) for n in lengths]
         self.batch_size = batch_size
-        self.mega = batch_size * mega_factor
+        # batches per mega-batch: always 50 (Hugging Face's default shrinks it to 4 mega-batches per epoch on small
+        # data, which leaves 6x the padding on 1,000 examples; tests/test_datamodule.py measures it)
+        self.mega_factor = mega_factor
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.epoch = 0
 
@@ -498,16 +642,12 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        perm = rng.permutation(len(self.lengths))
-        groups = [perm[i : i + self.mega] for i in range(0, len(perm), self.mega)]
-        groups = [g[np.argsort(-self.lengths[g], kind="stable")] for g in groups]
-        # each sorted group starts with its longest example; move the overall longest to the very front
-        top = int(np.argmax([self.lengths[g[0]] for g in groups]))
-        groups[0][0], groups[top][0] = groups[top][0], groups[0][0]
-        order = np.concatenate(groups)
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = get_length_grouped_indices(self.lengths, self.batch_size, self.mega_factor, generator=generator)
         skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
+        return iter(order[skip:])
 
 
 class EvalShardSampler(DistributedSampler):

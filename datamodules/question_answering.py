@@ -17,8 +17,6 @@ its first window only (null on the others), so long documents are not copied onc
 from __future__ import annotations
 
 import bisect
-import inspect
-from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -27,7 +25,8 @@ import pyarrow.compute as pc
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.base import TransformerDataModule
-from datamodules.readers import DataError
+from lit_modules.errors import DataError
+from lit_modules.schema import QAFeatures
 
 MisalignedAnswers = Literal["error", "snap", "drop"]
 
@@ -82,28 +81,6 @@ def token_span(starts: list[int], ends: list[int], lo: int, hi: int, start_char:
     first = bisect.bisect_right(starts, start_char, lo, hi + 1) - 1  # last token starting at or before
     last = bisect.bisect_left(ends, end_char, lo, hi + 1)  # first token ending at or after
     return first, last
-
-
-@dataclass
-class QAFeatures:
-    """What post-processing needs from one split's features, as arrays (built once per split).
-
-    Attributes:
-        example: feature -> example number (0..n_examples-1), in feature-row order.
-        offset_start / offset_end: ``[n_features, max_len]`` character offsets; -1 outside the context.
-        cls_index: the CLS position of each feature (the null answer).
-        ids / questions / contexts: per example.
-        answers: the gold answer texts per example (empty: unanswerable).
-    """
-
-    example: np.ndarray
-    offset_start: np.ndarray
-    offset_end: np.ndarray
-    cls_index: np.ndarray
-    ids: list[str]
-    questions: list[str]
-    contexts: list[str]
-    answers: list[list[str]]
 
 
 def _padded(column: pa.ChunkedArray, fill: int) -> np.ndarray:
@@ -169,10 +146,9 @@ class QuestionAnsweringDataModule(TransformerDataModule):
         self._encode_source = "input"
 
     def cache_key_params(self) -> dict[str, Any]:
-        helpers = [inspect.getsource(f) for f in (flatten_squad, nearest_occurrence, token_span)]
         padding_side = getattr(self._get_tokenizer(), "padding_side", "right")
         return {**super().cache_key_params(), "doc_stride": self.doc_stride, "columns": self.columns,
-                "misaligned": self.misaligned_answers, "padding_side": padding_side, "helpers": helpers}
+                "misaligned": self.misaligned_answers, "padding_side": padding_side}
 
     # ---- records -------------------------------------------------------------------------------
 
@@ -352,18 +328,25 @@ class QuestionAnsweringDataModule(TransformerDataModule):
 
     # ---- what the model needs ------------------------------------------------------------------
 
-    def on_features_ready(self, stage: str | None) -> None:
+    def resolve_schema(self, stage: str | None) -> None:
+        """Count unanswerable questions (SQuAD v2.0 when the training data, or else the evaluation data, has
+        them) and publish every evaluation split's windows for post-processing."""
         self._qa_features = {}
         for split, ds in self.datasets.items():
             table = ds.with_format(None).data
             answers = pc.drop_null(table.column("answers"))  # one per question (on its first window)
             unanswerable = int(pc.sum(pc.equal(pc.list_value_length(pc.struct_field(answers, "text")), 0)).as_py() or 0)
-            self.has_unanswerable[split] = split != "predict" and unanswerable > 0
-            if split != "predict":
+            kind = self.kind(split)
+            self.has_unanswerable[split] = kind != "predict" and unanswerable > 0
+            if kind != "predict":
                 self.positions[split] = {k: table.column(k).to_numpy().astype(np.int64)
                                          for k in ("start_positions", "end_positions")}
             note = f", {unanswerable} unanswerable" if self.has_unanswerable[split] else ""
             rank_zero_info(f"{self._source_name(split)}: {len(answers)} questions in {len(ds)} windows{note}")
+            if kind != "train":
+                self.schema.splits[split].qa = self.qa_features(split)
+        flags = self.has_unanswerable
+        self.schema.has_unanswerable = flags["train"] if "train" in flags else any(flags.values())
 
     def extra_batch_columns(self, split: str) -> dict[str, np.ndarray]:
         return dict(self.positions.get(split, {}))

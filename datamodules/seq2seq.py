@@ -17,13 +17,12 @@ from typing import Any, Literal, Optional
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.base import TransformerDataModule
-from datamodules.readers import DataError
+from lit_modules.errors import DataError
+from lit_modules.schema import DEFAULT_PROMPT, IGNORE_INDEX
 
 SOURCE_COLUMNS = ("source", "article", "document", "dialogue", "email_body", "text", "input")
 TARGET_COLUMNS = ("target", "highlights", "summary", "subject", "subject_line", "tldr", "output")
 TargetList = Literal["sentences", "references"]
-DEFAULT_PROMPT = "{source}\n"
-IGNORE_INDEX = -100  # label value the loss ignores (padding, and the prompt of decoder-only models)
 
 
 class Seq2SeqDataModule(TransformerDataModule):
@@ -86,7 +85,6 @@ class Seq2SeqDataModule(TransformerDataModule):
         self.source_prefix = source_prefix
         self.prompt_template = prompt_template
         self.max_target_length = max_target_length
-        self.decoder_only: bool | None = None  # the model's layout; taken from the model unless set
         self.references: dict[str, list[list[str]]] = {}
 
     def cache_key_params(self) -> dict[str, Any]:
@@ -96,15 +94,26 @@ class Seq2SeqDataModule(TransformerDataModule):
                 "max_target": self.max_target_length, "decoder_only": self._decoder_only()}
 
     def _decoder_only(self) -> bool:
-        if self.decoder_only is None:
-            model = self.trainer.lightning_module if self.trainer is not None else None
-            if model is None or getattr(model, "decoder_only", None) is None:
-                raise RuntimeError("unknown feature layout: set decoder_only or use a model that has it")
-            self.decoder_only = bool(model.decoder_only)
-        if not self.decoder_only and self.prompt_template is not None:
+        """The feature layout the model needs (``ModelFacts.decoder_only``, handed over by connect)."""
+        if not self.facts.decoder_only and self.prompt_template is not None:
             raise DataError("data.prompt_template: only decoder-only models take a prompt template; "
                             "use data.source_prefix for encoder-decoder models")
-        return self.decoder_only
+        return self.facts.decoder_only
+
+    def check_lengths(self, max_positions: int | None, model_name: str) -> None:
+        if max_positions is None:
+            return
+        if self.facts.decoder_only:  # prompt + source + target share one sequence
+            total = self.max_source_length + self.max_target_length
+            if total > max_positions:
+                raise DataError(f"data.max_source_length + data.max_target_length: {self.max_source_length} + "
+                                f"{self.max_target_length} = {total} is more than {model_name} takes ({max_positions} "
+                                "positions, prompt and target in one sequence); lower them")
+            return
+        for key, value in (("max_source_length", self.max_source_length), ("max_target_length", self.max_target_length)):
+            if value > max_positions:
+                raise DataError(f"data.{key}: {value} is more than {model_name} takes ({max_positions} positions); "
+                                f"set at most {max_positions}")
 
     # ---- records -------------------------------------------------------------------------------
 
@@ -228,8 +237,11 @@ class Seq2SeqDataModule(TransformerDataModule):
             out["target_truncated"] = [len(ids) > keep for ids in target_ids]
         return out
 
-    def on_features_ready(self, stage: str | None) -> None:
-        """Report truncation (targets: a warning naming the first line) and keep the references per split."""
+    def resolve_schema(self, stage: str | None) -> None:
+        """Report truncation (targets: a warning naming the first line); publish the references per split and the
+        prompt settings (the export records them)."""
+        self.schema.prompt = {"source_prefix": self.source_prefix, "prompt_template": self.prompt_template,
+                              "source_lang": self.source_lang, "target_lang": self.target_lang}
         for split, ds in self.datasets.items():
             where = self._source_name(split)
             if "target_truncated" in ds.column_names:
@@ -244,7 +256,7 @@ class Seq2SeqDataModule(TransformerDataModule):
                 rank_zero_info(f"{where}: {sum(flags)} of {len(flags)} sources truncated to "
                                f"data.max_source_length={self.max_source_length} tokens")
             if "references" in ds.column_names:
-                self.references[split] = list(ds["references"])
+                self.references[split] = self.schema.splits[split].references = list(ds["references"])
 
     def truncation_counts(self, split: str) -> dict[str, int]:
         """How many sources / targets of ``split`` were truncated."""

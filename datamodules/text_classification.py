@@ -12,7 +12,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TransformerDataModule
-from datamodules.readers import DataError
+from lit_modules.errors import DataError
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question1", "premise", "question", "content", "review")
@@ -147,7 +147,10 @@ class TextClassificationDataModule(TransformerDataModule):
             if kinds != {list}:
                 line = lines[next(i for i, v in enumerate(labels) if not isinstance(v, list))]
                 raise DataError(f"{source}:{line}: expected a list of labels like the other records")
+            check_one_spelling([n for v in labels for n in v], [ln for v, ln in zip(labels, lines) for _ in v], source)
             return {"label_list": labels}
+        if self.facts.problem_type != "regression":  # regression names the first label that is not a number
+            check_one_spelling(labels, lines, source)
         return {"label": [str(v) for v in labels]}
 
     def encode(self, batch: dict[str, list]) -> dict[str, list]:
@@ -165,15 +168,13 @@ class TextClassificationDataModule(TransformerDataModule):
         return "regression" if _looks_like_regression(ds["label"]) else "single_label_classification"
 
     def schema_splits(self) -> tuple[str, ...]:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        known = getattr(model, "problem_type", None) == "regression" or getattr(model, "labels", None) is not None
+        known = self.facts.problem_type == "regression" or self.facts.labels is not None
         return () if known else ("train",)
 
-    def on_features_ready(self, stage: str | None) -> None:
-        """Fix the label schema (model's own if it has one, else the training data's) and map labels to ids."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        problem_type = getattr(model, "problem_type", None)
-        labels = getattr(model, "labels", None)
+    def resolve_schema(self, stage: str | None) -> None:
+        """Fix the label schema (the model's own if it has one, else the training data's) and map labels to ids."""
+        problem_type = self.facts.problem_type
+        labels = list(self.facts.labels) if self.facts.labels is not None else None
         train = self.datasets.get("train")
         if problem_type is None:
             if train is None:
@@ -190,11 +191,12 @@ class TextClassificationDataModule(TransformerDataModule):
                 raise DataError(f"{self._source_name('train')}: the training labels hold one class ({labels[0]!r}); "
                                 "classification needs at least two")
         self.problem_type, self.labels = problem_type, labels
+        self.schema.problem_type, self.schema.labels = problem_type, labels
         if self.few_shot_k and train is not None and stage in (None, "fit"):
             self._draw_few_shot(train)
         label2id = {name: i for i, name in enumerate(labels or [])}
         for split, ds in self.datasets.items():
-            if split == "predict":
+            if self.kind(split) == "predict":
                 continue
             self.label_ids[split] = self._ids(ds, split, label2id)
         if labels is not None:
@@ -262,6 +264,27 @@ class TextClassificationDataModule(TransformerDataModule):
 
     def extra_batch_columns(self, split: str) -> dict[str, np.ndarray]:
         return {"labels": self.label_ids[split]} if split in self.label_ids else {}
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
+def check_one_spelling(labels: list[Any], lines: list[int], source: str) -> None:
+    """Refuse a split whose labels mix class ids or numbers (``0``, ``"1"``, ``2.5``) with names (``negative``): read
+    as given they would silently become extra classes. One line names the first of each kind and the counts."""
+    numbers = [(v, ln) for v, ln in zip(labels, lines) if _is_number(v)]
+    if not numbers or len(numbers) == len(labels):
+        return
+    names = [(v, ln) for v, ln in zip(labels, lines) if not _is_number(v)]
+    (number, number_line), (name, name_line) = numbers[0], names[0]
+    raise DataError(f"{source}: labels mix two spellings: {len(numbers)} class ids / numbers like {str(number)!r} (first "
+                    f"at line {number_line}) and {len(names)} names like {str(name)!r} (first at line {name_line}); "
+                    "write every label one way (the classes would otherwise be both)")
 
 
 def _looks_like_regression(labels: list[Any]) -> bool:

@@ -8,7 +8,6 @@ one where it has the most context), so evaluation sees every gold token once.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,8 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TransformerDataModule
-from datamodules.readers import DataError, read_records
+from datamodules.readers import read_records, read_text, split_compression
+from lit_modules.errors import DataError
 
 TagScheme = Literal["auto", "IOB1", "IOB2", "BIOES"]
 TOKENS_COLUMNS = ("tokens", "words")
@@ -30,7 +30,7 @@ TAG_HELP = "expected O or B-/I-/E-/S- followed by the entity type, e.g. B-PER"
 
 # ---- reading ---------------------------------------------------------------------------------------
 
-def read_conll(path: str | Path, tag_column: int = -1) -> tuple[list[dict[str, Any]], list[int]]:
+def read_conll(path: str | Path, tag_column: int = -1, encoding: str = "utf-8") -> tuple[list[dict[str, Any]], list[int]]:
     """Read a CoNLL column file: one token per line, columns split by tabs (when the line has one) or
     spaces, the token first and the tag in ``tag_column`` (negative: counted from the end); blank
     lines end sentences and ``-DOCSTART-`` lines end documents.
@@ -38,11 +38,7 @@ def read_conll(path: str | Path, tag_column: int = -1) -> tuple[list[dict[str, A
     Returns records ``{"tokens", "tags", "token_lines"}`` (``tags`` is None in a one-column file) and
     the line of each sentence's first token.
     """
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason}); convert the file to UTF-8") from None
+    text = read_text(path, encoding)  # decompressed when the name ends in .gz / .bz2 / .xz / .zst
     if "\x00" in text:
         raise DataError(f"{path}: contains NUL bytes; is it a binary file?")
     records: list[dict[str, Any]] = []
@@ -219,15 +215,13 @@ class TokenClassificationDataModule(TransformerDataModule):
             raise DataError(f"{key}: data file '{path}' {'is a directory' if p.is_dir() else 'does not exist'}")
 
     def read_file(self, path: str) -> tuple[list[dict[str, Any]], list[int]]:
-        if Path(path).suffix.lower() in RECORD_SUFFIXES:
-            return read_records(path)
-        return read_conll(path, self.conll_tag_column)
+        if split_compression(path)[0].suffix.lower() in RECORD_SUFFIXES:
+            return read_records(path, self.encoding)
+        return read_conll(path, self.conll_tag_column, self.encoding)
 
     def cache_key_params(self) -> dict[str, Any]:
         return {**super().cache_key_params(), "tokens": self.tokens_column, "tags": self.tags_column,
-                "conll_tag_column": self.conll_tag_column, "scheme": self.tag_scheme, "stride": self.doc_stride,
-                # the helpers that shape the features are part of the key, as the base does for encode
-                "code": [inspect.getsource(f) for f in (read_conll, to_iob2, plan_windows)]}
+                "conll_tag_column": self.conll_tag_column, "scheme": self.tag_scheme, "stride": self.doc_stride}
 
     # ---- records -------------------------------------------------------------------------------
 
@@ -337,13 +331,11 @@ class TokenClassificationDataModule(TransformerDataModule):
     # ---- labels --------------------------------------------------------------------------------
 
     def schema_splits(self) -> tuple[str, ...]:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return () if getattr(model, "labels", None) is not None else ("train",)
+        return () if self.facts.labels is not None else ("train",)
 
-    def on_features_ready(self, stage: str | None) -> None:
+    def resolve_schema(self, stage: str | None) -> None:
         """Fix the tag set (the model's when it has one, else the training data's) and build the label arrays."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        labels = getattr(model, "labels", None)
+        labels = self.facts.labels
         if labels is None:
             train = self.datasets.get("train")
             if train is None:
@@ -351,7 +343,7 @@ class TokenClassificationDataModule(TransformerDataModule):
             labels = tag_set(_sentence_values(train, "tags"))
             if len(labels) < 2:
                 raise DataError(f"{self._source_name('train')}: the training tags hold no entities (only O)")
-        self.labels = list(labels)
+        self.labels = self.schema.labels = list(labels)
         rank_zero_info(f"{len(self.labels)} tags: {', '.join(self.labels[:25])}{' ...' if len(self.labels) > 25 else ''}")
         for split, ds in self.datasets.items():
             self.batch_columns[split] = self._batch_columns(ds, split)
@@ -387,12 +379,13 @@ class TokenClassificationDataModule(TransformerDataModule):
 
     def _batch_columns(self, ds: Any, split: str) -> dict[str, np.ndarray]:
         """Per feature: the label of each sub-token (-100: no loss), the word each sub-token scores (-1: none)."""
-        tag_ids = self._tag_ids(ds, split) if split != "predict" else {}
+        kind = self.kind(split)
+        tag_ids = self._tag_ids(ds, split) if kind != "predict" else {}
         to_inside = np.arange(len(self.labels or []))
         for i, name in enumerate(self.labels or []):
             if name.startswith("B-") and f"I-{name[2:]}" in self.labels:
                 to_inside[i] = self.labels.index(f"I-{name[2:]}")
-        train = split == "train"
+        train = kind == "train"
         n = len(ds)
         labels, scores = np.empty(n, dtype=object), np.empty(n, dtype=object)
         columns = zip(ds["sentence"], ds["word_ids"], ds["score_start"], ds["score_end"])
@@ -402,7 +395,7 @@ class TokenClassificationDataModule(TransformerDataModule):
             first = real & (words != np.concatenate([[-1], words[:-1]]))
             owned = first & (words >= score_start) & (words < score_end)
             scores[f] = np.where(owned, words, -1)
-            if split == "predict":
+            if kind == "predict":
                 continue
             ids = tag_ids[sentence]
             lab = np.full(len(words), -100, dtype=np.int64)
@@ -414,7 +407,7 @@ class TokenClassificationDataModule(TransformerDataModule):
                 lab[rest] = to_inside[ids[words[rest]]]
             labels[f] = lab
         columns_out = {"score_word": scores, "sentence": np.asarray(ds["sentence"], dtype=np.int64)}
-        if split != "predict":
+        if kind != "predict":
             columns_out["labels"] = labels
         return columns_out
 

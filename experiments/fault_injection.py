@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,8 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - the script needs lightning anyway
     Callback = object  # type: ignore[misc,assignment]
+
+STOPPED = re.compile(r"Stopped by (SIG[A-Z0-9]+|a signal)")  # train.py's line after a graceful stop
 
 
 class KillAt(Callback):
@@ -306,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         if sig == "SIGKILL":
             acted = proc.returncode == -signal.SIGKILL if world == 1 else proc.returncode != 0
         else:
-            acted = proc.returncode == 0 and "Stopped by a signal" in proc.stderr
+            acted = proc.returncode == 0 and STOPPED.search(proc.stderr) is not None
         finished = proc.returncode == 0 and (work / "faulted" / "fault").is_dir() and \
             any((work / "faulted" / "fault").glob("*/results.json"))
-        if sig != "SIGKILL" and finished and "Stopped by a signal" not in proc.stderr:
+        if sig != "SIGKILL" and finished and STOPPED.search(proc.stderr) is None:
             print(f"kill {i + 1}: {sig} at step {step} in {hook} came after the last training step; the run finished")
             break
         if not acted:

@@ -23,6 +23,7 @@ import torch
 from datamodules.readers import read_records
 from datamodules.seq2seq import Seq2SeqDataModule
 from lit_modules.base import ConfigError
+from lit_modules.schema import connect
 from lit_modules.seq2seq import Seq2SeqModule
 
 
@@ -66,8 +67,7 @@ def source_reliance(ckpt_path: str, path: str, max_samples: int = 200, work_dir:
             data = Seq2SeqDataModule(**{**settings, "source_column": "source", "target_column": "target",
                                         "target_list": "sentences", "source_lang": None, "target_lang": None},
                                      validation_file=str(file), cache_dir=str(Path(tmp) / "cache"))
-            data.attach_tokenizer(module.tokenizer)
-            data.decoder_only = module.decoder_only
+            connect(module, data)
             losses[name] = mean_target_loss(module, data)
     return {"checkpoint": ckpt_path, "file": path, "examples": len(records),
             **{k: round(v, 4) for k, v in losses.items()},

@@ -2,40 +2,36 @@
 
 It holds what each task needs once: loading the backbone and tokenizer (hub id, local folder or an
 installed model package), switching dropout on, AdamW without decay on biases and norms, warmup
-schedules sized from the trainer's real number of optimizer steps, per-stage metric logging,
-parameter counts, the predictions file and the Hugging Face export. A task subclass says how the
-backbone is built (:meth:`build_model`), which metrics it tracks (:meth:`build_metrics`), how a batch
-updates them (:meth:`update_metrics`) and what a prediction looks like (:meth:`predict_step`).
+schedules sized from the trainer's real number of optimizer steps, the evaluation loop (loss and
+metrics per stage, logged per epoch), the label set, parameter counts, the predictions' final form and
+the Hugging Face export. A task subclass overrides hooks, never this lifecycle: how the backbone is
+built (:meth:`build_model`), which metrics it tracks (:meth:`build_metrics`), how a batch updates them
+(:meth:`update_metrics`), what it takes from the data's schema (:meth:`apply_schema`) and what a
+prediction looks like (:meth:`predict_step`, :meth:`merge_predictions`). DEVELOPERS.md lists every hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
+import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
+
+from lit_modules.atomic_files import write_folder_atomic
+from lit_modules.errors import ConfigError, NonFiniteLossError, first_line
+from lit_modules.schema import STAGE_SPLIT, DataSchema, ModelFacts, stage_key
 
 SchedulerType = Literal["linear", "cosine", "constant"]
 PACKAGE_PREFIX = "pkg:"
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message is one line naming the key."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf; the message names the step, the batch and its examples."""
 
 
 def resolve_model_path(name_or_path: str, key: str = "model.model_name_or_path") -> str:
@@ -57,16 +53,86 @@ def resolve_model_path(name_or_path: str, key: str = "model.model_name_or_path")
     return str(folder)
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+_MISSING_ROW = re.compile(r"^(\S+)\s*\|\s*(?:\x1b\[[0-9;]*m)?MISSING\b", re.M)
+
+
+@contextlib.contextmanager
+def held_load_reports() -> Any:
+    """transformers' weight-loading reports ("LOAD REPORT ... MISSING ... newly initialized"), held back instead of
+    printed while the block runs; the caller decides what the user needs to know (:meth:`report_new_weights`)."""
+    reports: list[str] = []
+
+    class Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            if "LOAD REPORT" not in message:
+                return True  # anything else from the loading code is shown as usual
+            reports.append(message)
+            return False
+
+    hold = Hold()
+    loggers = [logging.getLogger(name) for name in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield reports
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (asked once per process; no retries)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    if host not in _HUB_REACHABLE:
+        try:
+            with socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout):
+                _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id: hub ids are ``name`` or ``namespace/name``."""
+    return path.startswith(("/", "./", "../", "~", "\\")) or path.count("/") > 1 or path.endswith("/")
+
+
 def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with a one-line error when the folder or hub id cannot be loaded."""
+    """``loader.from_pretrained`` with one-line errors that say what was tried: a local folder that does not exist,
+    a name that cannot be a hub id, a hub id that is neither cached nor reachable (found out at once, without the
+    hub client's retries), or a folder / hub model that cannot be loaded."""
     path = resolve_model_path(name_or_path, key)
+    if Path(path).expanduser().exists():
+        try:
+            return loader.from_pretrained(str(Path(path).expanduser()), **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: cannot load '{name_or_path}' as a local folder: {first_line(e)}") from None
+    if _looks_local(path):
+        raise ConfigError(f"{key}: local folder '{name_or_path}' does not exist")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError as e:
+        raise ConfigError(f"{key}: '{name_or_path}' is neither a local folder nor a hub id ({first_line(e)})") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline and not hub_reachable():
+        kwargs = {**kwargs, "local_files_only": True}  # only a cached copy can work; say so at once if there is none
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        local = Path(path).exists()
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "local folder" if local else "hub id (is the hub reachable? set HF_HUB_OFFLINE=1 to use the cache only)"
-        raise ConfigError(f"{key}: cannot load '{name_or_path}' as a {where}: {reason}") from None
+        if kwargs.get("local_files_only") or offline:
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+            raise ConfigError(f"{key}: cannot load '{name_or_path}' as a hub id: it is not a local folder and not in "
+                              f"the Hugging Face cache, and {why} (check the name, or download it where the hub is "
+                              "reachable)") from None
+        raise ConfigError(f"{key}: cannot load '{name_or_path}' from the Hugging Face hub: {first_line(e)}") from None
 
 
 def check_group_learning_rates(rates: Optional[dict[str, float]]) -> dict[str, float]:
@@ -104,12 +170,22 @@ class TransformerModule(LightningModule):
             options; presets in ``configs/peft/``). Only its parameters and the task head are trained,
             and checkpoints hold only those.
         export_merged: with ``peft``, export also ``<export>-merged``: adapters merged into a plain model.
+        compile: ``torch.compile`` the model (``true``, or a dict of ``torch.compile`` options such as
+            ``{mode: max-autotune, dynamic: true}``), in place (``nn.Module.compile``), so checkpoints and exports keep
+            their parameter names. Pays off for long runs on GPUs; measure before turning it on (README).
         skip_nonfinite_loss: a NaN / Inf training loss skips its batch (no backward: the optimizer step finds no
             gradients and changes nothing, though Lightning counts the step and the schedule advances; counted
             and logged as ``train/skipped_batches``) instead of stopping the run with an error naming the batch.
     """
 
+    task = "base"  # the task's name; a data module of the same task_name feeds it (lit_modules.schema.connect)
     peft_task_type: Optional[str] = None  # peft's TaskType for this task (SEQ_CLS, TOKEN_CLS, ...)
+    non_input_keys: frozenset[str] = frozenset({"idx"})  # batch columns the model's forward does not take
+    label_keys: frozenset[str] = frozenset({"labels"})  # batch columns that hold the targets (left out to predict)
+    prediction_input_fields: tuple[str, ...] = ()  # the predict split's fields copied into each prediction row
+    # options that say how predictions are read off the outputs: kept out of the checkpoint, so that test /
+    # predict take them from the command line (LightningCLI puts a checkpoint's hyperparameters over it)
+    evaluation_options: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -129,6 +205,7 @@ class TransformerModule(LightningModule):
         fused_optimizer: Optional[bool] = None,
         peft: Optional[dict[str, Any]] = None,
         export_merged: bool = False,
+        compile: bool | dict[str, Any] = False,  # noqa: A002 - the option's name users know from torch
         skip_nonfinite_loss: bool = False,
     ) -> None:
         super().__init__()
@@ -151,22 +228,39 @@ class TransformerModule(LightningModule):
             "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path",
             **({} if tokenizer_name_or_path else same_files),
         )
-        self.peft_config = None
-        if peft:
+        self.peft_spec = dict(peft) if peft else None
+        if self.peft_spec is not None:
             from lit_modules.peft_support import PROMPT_LEARNING, build_peft_config, peft_type
 
-            self.peft_config = build_peft_config(peft, self.peft_task_type)
-            if export_merged and peft_type(self.peft_config) in PROMPT_LEARNING:
-                raise ConfigError(f"model.export_merged: {peft_type(self.peft_config)} adds virtual tokens and cannot "
+            kind = peft_type(build_peft_config(self.peft_spec, None))  # checks every option now, before any loading
+            if export_merged and kind in PROMPT_LEARNING:
+                raise ConfigError(f"model.export_merged: {kind} adds virtual tokens and cannot "
                                   "be merged into the weights; export the adapter only")
             self.strict_loading = False  # PEFT checkpoints hold only the trained parameters
+        self._peft_config: Any = None
         self.export_merged = export_merged
+        self.compile_options: Optional[dict[str, Any]] = dict(compile) if isinstance(compile, dict) else \
+            ({} if compile else None)
         self.skip_nonfinite_loss = skip_nonfinite_loss
         self.skipped_batches = 0
         self._adalora_resume: Optional[dict[str, Any]] = None  # AdaLoRA statistics from a checkpoint, not yet applied
+        self._pretrained_config: Any = None
+        self._new_weights: Optional[tuple[str, list[str]]] = None  # newly initialised weights, not yet reported
+        self.predict_split = "predict"  # the predict set being written (several named ones: predict/<name>)
+        self.table_rows: Optional[dict[str, list[dict[str, Any]]]] = None  # set by PredictionTables while it collects
+        self.table_limit = 0
+        self.schema: Optional[DataSchema] = None  # the data's schema, handed over once by connect()
         self.model: Any = None  # built in configure_model, once the task knows its head (e.g. the label set)
-        self.predictions_file: Optional[str] = None  # set by train.py; default: <run dir>/predictions.jsonl
-        self._predictions: list[dict[str, Any]] = []
+
+    @property
+    def peft_config(self) -> Any:
+        """The ``peft`` config of ``model.peft`` (None without one), built with this task's ``peft_task_type`` on
+        first use (a task may decide its type in its own ``__init__``, after the base's)."""
+        if self.peft_spec is not None and self._peft_config is None:
+            from lit_modules.peft_support import build_peft_config
+
+            self._peft_config = build_peft_config(self.peft_spec, self.peft_task_type)
+        return self._peft_config
 
     # ---- what a task defines -------------------------------------------------------------------
 
@@ -178,9 +272,110 @@ class TransformerModule(LightningModule):
         """The task's metrics; cloned per stage and logged as ``val/<name>`` and ``test/<name>``."""
         raise NotImplementedError
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
-        """Update ``metrics`` from the model outputs of one evaluation batch."""
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor],
+                       stage: str) -> None:
+        """Update ``metrics`` (the stage's clone) from the model outputs of one evaluation batch of ``stage``
+        (``val`` or ``test``; ``self.schema.split(stage)`` holds what the split offers beyond the batch)."""
         raise NotImplementedError
+
+    def apply_schema(self, schema: Optional[DataSchema]) -> dict[str, Any]:
+        """Take what this task needs from the data's schema (None: no data module was connected; rely on the
+        model's own options) in ``setup``, before the model is built; return the values to record in the
+        checkpoint's hyperparameters, so that ``test`` / ``predict`` rebuild the same head without the data."""
+        return {}
+
+    def start_evaluation(self, stage: str) -> None:
+        """Called at the start of every ``val`` / ``test`` / ``predict`` epoch (e.g. to decide what to generate)."""
+
+    def evaluation_loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The loss an evaluation batch adds to ``<stage>/loss`` (None: none), weighted by :meth:`loss_weight`."""
+        return outputs.loss
+
+    def evaluation_rows(self, outputs: Any, batch: dict[str, torch.Tensor], stage: str) -> Optional[list[dict[str, Any]]]:
+        """Rows for the per-evaluation table of examples (``--log_predictions N``): per example its ``idx`` and what a
+        reader wants to see (input, gold, prediction, score); ``self.schema.split(stage).table`` holds the inputs.
+        None: the task shows no table (or fills it in :meth:`evaluation_table`)."""
+        return None
+
+    def evaluation_table(self, stage: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The table's rows at the end of an evaluation epoch, from the collected :meth:`evaluation_rows` of every
+        process (in example order); tasks that answer only once the epoch is complete (QA) build them here."""
+        return rows
+
+    def evaluation_plots(self, stage: str) -> dict[str, Any]:
+        """Per-evaluation data for plots beyond scalars: ``{"confusion_matrix": (class_names, [[counts]])}``."""
+        return {}
+
+    def merge_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The predictions to write, from the rows of every batch in input order (one per feature, with the
+        input fields attached); tasks that split an input into several features merge them here."""
+        return rows
+
+    def prediction_files(self, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """Extra files to write beside the predictions file: ``{suffix: text}`` (QA: the official ``.json``)."""
+        return {}
+
+    # ---- the hand-off with the data ---------------------------------------------------------
+
+    def connect(self, schema: DataSchema) -> None:
+        """Take the data module's schema (``lit_modules.schema.connect`` calls this once)."""
+        if schema.task != self.task:
+            raise ConfigError(f"model {type(self).__name__} does {self.task.replace('_', ' ')} but its data schema is "
+                              f"for {schema.task.replace('_', ' ')}")
+        self.schema = schema
+
+    def model_facts(self) -> ModelFacts:
+        """What the data module needs from this model: the label set the head already has, the feature layout
+        and the length limit."""
+        labels = getattr(self, "labels", None)
+        return ModelFacts(task=self.task, labels=tuple(labels) if labels is not None else None,
+                          problem_type=getattr(self, "problem_type", None),
+                          decoder_only=bool(getattr(self, "decoder_only", False)),
+                          max_positions=self.max_positions(), model_name=self.model_name_or_path)
+
+    def pretrained_config(self) -> Any:
+        """The ``AutoConfig`` of ``model_name_or_path`` (loaded once)."""
+        if self._pretrained_config is None:
+            from transformers import AutoConfig
+
+            self._pretrained_config = self.from_pretrained(AutoConfig)
+        return self._pretrained_config
+
+    def max_positions(self) -> Optional[int]:
+        """The most tokens one input sequence may have: the model's learned position embeddings (RoBERTa-style
+        models reserve ``pad_token_id + 1`` of them); None for models without such a limit (relative positions)."""
+        config = self.pretrained_config()
+        config = getattr(config, "encoder", config)  # an encoder-decoder config: its encoder's limit
+        limit = getattr(config, "max_position_embeddings", None)
+        if not isinstance(limit, int) or limit <= 0:
+            return None
+        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet",
+                                                  "xlm-roberta-xl", "data2vec-text", "luke", "ibert"):
+            limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        return limit
+
+    def setup(self, stage: str) -> None:
+        """Take what the task needs from the schema (or its own options) and record it in the hyperparameters."""
+        schema = self.schema if self.schema is not None and self.schema.resolved else None
+        recorded = self.apply_schema(schema)
+        self.save_hyperparameters({**self.hparams, **recorded})
+        for key in self.evaluation_options:
+            self.hparams.pop(key, None)
+
+    def resolve_labels(self, schema: Optional[DataSchema], what: str = "labels") -> list[str]:
+        """The label set: the schema's (which is the model's own when it had one), else ``model.labels``."""
+        labels = schema.labels if schema is not None and schema.labels is not None else getattr(self, "labels", None)
+        if labels is None:
+            raise ConfigError(f"model.labels: the {what} are unknown; set them, load a checkpoint, or train on "
+                              "labelled data")
+        self.labels = list(labels)
+        return self.labels
+
+    def label_config(self) -> dict[str, Any]:
+        """``num_labels``, ``id2label`` and ``label2id`` for ``AutoConfig``: the label names travel in the model."""
+        labels = list(getattr(self, "labels", None) or [])
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {name: i for i, name in enumerate(labels)}}
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -190,9 +385,52 @@ class TransformerModule(LightningModule):
         return load_pretrained(AutoTokenizer, name_or_path, key, trust_remote_code=self.trust_remote_code, **kwargs)
 
     def from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
-        """Load ``model_name_or_path`` with ``auto_class``, the configured kwargs and ``trust_remote_code``."""
-        kwargs = {**self.model_kwargs, **kwargs, "trust_remote_code": self.trust_remote_code}
-        return load_pretrained(auto_class, self.model_name_or_path, "model.model_name_or_path", **kwargs)
+        """Load ``model_name_or_path`` with ``auto_class``, the configured kwargs and ``trust_remote_code``. Given a
+        ``config``, model kwargs that name a configuration attribute (``num_hidden_layers``) are set on it rather than
+        passed on: transformers hands the kwargs of a load with an explicit config to the model's ``__init__``."""
+        extra = dict(self.model_kwargs)
+        config = kwargs.get("config")
+        if config is not None:
+            for key in [k for k in extra if hasattr(config, k)]:
+                setattr(config, key, extra.pop(key))
+        kwargs = {**extra, **kwargs, "trust_remote_code": self.trust_remote_code}
+        with held_load_reports() as reports:
+            loaded = load_pretrained(auto_class, self.model_name_or_path, "model.model_name_or_path", **kwargs)
+        self.report_new_weights(reports, type(loaded).__name__)
+        return loaded
+
+    def report_new_weights(self, reports: list[str], model_name: str) -> None:
+        """Say that weights were newly initialised only when nothing replaces them: not when ``fit`` trains them, not
+        when a checkpoint is loaded over them (``test`` / ``predict --ckpt_path``). ``--verbose_output`` shows them."""
+        from lit_modules.run.terminal import verbose
+
+        if verbose():
+            for report in reports:
+                logging.getLogger("transformers.modeling_utils").warning(report)
+            return
+        missing = [key for report in reports for key in _MISSING_ROW.findall(report)]
+        if missing:  # said (or not) once the run starts: by then it is known whether a checkpoint replaced them
+            self._new_weights = (model_name, missing)
+
+    def _warn_untrained(self) -> None:
+        """At the start of validate / test / predict: the held new-weights note, when no checkpoint replaced them."""
+        pending, self._new_weights = self._new_weights, None
+        trainer = self._trainer
+        if pending is None or trainer is None or trainer.state.fn == "fit" or trainer.ckpt_path:
+            return
+        model_name, missing = pending
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        rank_zero_warn(f"{len(missing)} weight(s) of {model_name} are newly initialised ({shown}) and no checkpoint "
+                       "replaces them: this evaluates an untrained head (give --ckpt_path, or fit first)")
+
+    def on_validation_start(self) -> None:
+        self._warn_untrained()
+
+    def on_test_start(self) -> None:
+        self._warn_untrained()
+
+    def on_predict_start(self) -> None:
+        self._warn_untrained()
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -205,11 +443,20 @@ class TransformerModule(LightningModule):
             self._check_peft_forward(model)
         # transformers returns models in eval mode; without this dropout would silently stay off
         self.model = model.train()
+        if self.compile_options is not None:
+            try:
+                self.model.compile(**self.compile_options)
+            except TypeError as e:
+                raise ConfigError(f"model.compile: {first_line(e)}") from None
         metrics = self.build_metrics()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self._set_metrics = torch.nn.ModuleDict()  # per named evaluation set: its loss and metrics (stage_metrics)
+        for stage in ("val", "test"):  # built now, with the model (later they would start in eval mode)
+            for key in self.stage_keys(stage):
+                self.stage_metrics(key)
 
     def _check_peft_forward(self, model: Any) -> None:
         """Prompt-learning methods fail only when the model runs; try one tiny input now, before any training."""
@@ -222,22 +469,26 @@ class TransformerModule(LightningModule):
             with torch.no_grad():
                 model.eval()(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
         except (ValueError, TypeError, RuntimeError, AttributeError, NotImplementedError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.peft: {peft_type(self.peft_config)} does not fit "
-                              f"{type(model.base_model).__name__}: {reason}") from None
+                              f"{type(model.base_model).__name__}: {first_line(e)}") from None
 
     # ---- steps ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch without bookkeeping columns (``idx``)."""
-        return {k: v for k, v in batch.items() if k != "idx"}
+    def model_inputs(self, batch: dict[str, torch.Tensor], labels: bool = True) -> dict[str, torch.Tensor]:
+        """The batch without bookkeeping columns (:attr:`non_input_keys`), and without targets (:attr:`label_keys`)
+        when ``labels`` is False."""
+        skip = self.non_input_keys if labels else self.non_input_keys | self.label_keys
+        return {k: v for k, v in batch.items() if k not in skip}
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         return self.model(**inputs)
 
+    def training_loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss a training batch minimises (default: the model's own; distillation mixes in a teacher's)."""
+        return outputs.loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
-        loss = self(**self.model_inputs(batch)).loss
+        loss = self.training_loss(self(**self.model_inputs(batch)), batch)
         # decided on every process at once: one process skipping its backward alone would hang DDP
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             return self.nonfinite_loss(loss, batch, batch_idx)
@@ -259,17 +510,37 @@ class TransformerModule(LightningModule):
         return None
 
     def stage_metrics(self, stage: str) -> tuple[MeanMetric, MetricCollection]:
-        """The loss mean and the metric collection of ``stage`` ("val" or "test")."""
-        return (self.val_loss, self.val_metrics) if stage == "val" else (self.test_loss, self.test_metrics)
+        """The loss mean and the metric collection of ``stage``: ``val`` / ``test``, or ``val/<name>`` for one of
+        several named evaluation sets (cloned from the stage's on first use, so their names are ``val/<name>/f1``)."""
+        kind, _, name = stage.partition("/")
+        loss, metrics = (self.val_loss, self.val_metrics) if kind == "val" else (self.test_loss, self.test_metrics)
+        if not name:
+            return loss, metrics
+        if stage not in self._set_metrics:
+            self._set_metrics[stage] = torch.nn.ModuleDict({"loss": loss.clone(),
+                                                            "metrics": metrics.clone(prefix=f"{stage}/")})
+        named = self._set_metrics[stage]
+        return named["loss"], named["metrics"]
+
+    def stage_keys(self, stage: str) -> list[str]:
+        """The metric prefixes of a stage: ``[stage]``, or ``stage/<name>`` for each named evaluation set."""
+        names = (self.schema.eval_sets.get(STAGE_SPLIT[stage]) if self.schema is not None else None) or [""]
+        return [stage_key(stage, name) for name in names]
 
     def evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        """One validation / test batch: loss and task metrics, logged per epoch as ``<stage>/<name>``."""
+        """One validation / test batch: the loss and the task metrics, logged per epoch as ``<stage>/<name>``
+        (``stage`` is ``val``, ``test``, or ``val/<set>`` for one of several named evaluation sets)."""
         outputs = self(**self.model_inputs(batch))
-        n = batch["input_ids"].shape[0]
         loss_metric, metrics = self.stage_metrics(stage)
-        loss_metric.update(outputs.loss.detach(), weight=self.loss_weight(batch))
-        self.update_metrics(metrics, outputs, batch)
-        self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
+        loss = self.evaluation_loss(outputs, batch)
+        if loss is not None:
+            loss_metric.update(loss.detach().float(), weight=self.loss_weight(batch))
+        self.update_metrics(metrics, outputs, batch, stage)
+        if self.table_rows is not None:  # a W&B table of the first examples was asked for (--log_predictions)
+            keep = batch["idx"] < self.table_limit
+            if bool(keep.any()):
+                rows = self.evaluation_rows(outputs, batch, stage) or []
+                self.table_rows.setdefault(stage, []).extend(r for r in rows if r["idx"] < self.table_limit)
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """How many terms the model's batch loss averages (here: the rows). The epoch loss is weighted by it,
@@ -281,21 +552,43 @@ class TransformerModule(LightningModule):
 
         Computed here rather than logged as Metric objects per step so that a metric may return a dict
         of numbers from one state (entity F1 per type, SQuAD EM and F1, ROUGE-1/2/L); torchmetrics
-        syncs the states across processes in ``compute``, so every process logs the same values.
+        syncs the states across processes in ``compute``, so every process logs the same values. A metric
+        no batch updated this epoch (an empty split; seq2seq epochs that do not generate) logs nothing.
         """
-        _, metrics = self.stage_metrics(stage)
-        if not any(m.update_called for m in metrics.values()):
-            return  # no evaluation batch ran (e.g. an empty split)
-        values = metrics.compute()
-        metrics.reset()
-        self.log_dict({k: v.float() if torch.is_tensor(v) else float(v) for k, v in values.items()},
-                      prog_bar=stage == "val")
+        for key in self.stage_keys(stage):
+            loss, metrics = self.stage_metrics(key)
+            values: dict[str, Any] = {}
+            for collection, prefix in ((metrics, ""), ({"loss": loss}, f"{key}/")):
+                updated = any(m.update_called for m in collection.values())
+                if self._trainer is not None:  # decided together: compute() syncs, so all processes call it or none
+                    updated = self.trainer.strategy.reduce_boolean_decision(updated, all=False)
+                if updated:
+                    computed = collection["loss"].compute() if prefix else collection.compute()
+                    values.update({f"{prefix}loss": computed} if prefix else computed)
+                for metric in collection.values():
+                    metric.reset()
+            if values:
+                self.log_dict({k: v.float() if torch.is_tensor(v) else float(v) for k, v in values.items()},
+                              prog_bar=key == "val")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.evaluation_step(batch, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluation_step(batch, self.stage_keys("val")[dataloader_idx])
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.evaluation_step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluation_step(batch, self.stage_keys("test")[dataloader_idx])
+
+    def on_validation_epoch_start(self) -> None:
+        for key in self.stage_keys("val"):  # every process builds every set's metrics (they sync together)
+            self.stage_metrics(key)
+        self.start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        for key in self.stage_keys("test"):
+            self.stage_metrics(key)
+        self.start_evaluation("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self.start_evaluation("predict")
 
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_metrics("val")
@@ -394,7 +687,12 @@ class TransformerModule(LightningModule):
                 self._adalora_resume = None
             self.model.base_model.update_and_allocate(self.global_step)
 
+    def checkpoint_identity(self) -> dict[str, str]:
+        """The task and class a checkpoint of this module records (checked when one is loaded)."""
+        return {"task": self.task, "class_path": f"{type(self).__module__}.{type(self).__qualname__}"}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tuneforge_model"] = self.checkpoint_identity()
         if self.peft_config is None:
             return
         # keep what was trained (adapters and the task head); the frozen base comes from from_pretrained
@@ -409,6 +707,7 @@ class TransformerModule(LightningModule):
             checkpoint["adalora"] = adalora
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_task(checkpoint, self.checkpoint_identity())
         if self.peft_config is None:
             return
         self.configure_model()
@@ -439,49 +738,22 @@ class TransformerModule(LightningModule):
 
     # ---- prediction ----------------------------------------------------------------------------
 
-    def on_predict_epoch_start(self) -> None:
-        self._predictions = []
-
-    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._predictions.extend(outputs or [])
-
-    def on_predict_epoch_end(self) -> None:
-        rows = self._predictions
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        self._write_predictions(rows)
-        self._predictions = []
-
-    @rank_zero_only
-    def _write_predictions(self, rows: list[dict[str, Any]]) -> None:
-        by_idx = {r["idx"]: r for r in rows}  # rows come per process in length order: restore input order
-        dm = self.trainer.datamodule
-        inputs = dm.datasets["predict"] if dm is not None else None
+    def finalize_predictions(self, rows: list[dict[str, Any]], split: str = "predict") -> list[dict[str, Any]]:
+        """The predictions file's rows from the rows ``predict_step`` returned on every process: one per feature
+        row (by ``idx``, a row seen twice counts once), in input order, with the predict split's
+        :attr:`prediction_input_fields` attached, then merged by the task (:meth:`merge_predictions`).
+        ``lit_modules.callbacks.PredictionsWriter`` calls this and writes the result."""
+        by_idx = {r["idx"]: r for r in rows}
         order = sorted(by_idx)
-        fields = [k for k in self.prediction_input_fields if inputs is not None and k in inputs.column_names]
+        self.predict_split = split  # which predict set merge_predictions works on (QA reads its windows)
+        table = None
+        if self.schema is not None and self.schema.resolved and split in self.schema.splits:
+            table = self.schema.splits[split].table
+        fields = [k for k in self.prediction_input_fields if table is not None and k in table.column_names]
         # the input fields of every row in one Arrow read (not one table lookup per row)
-        records = (inputs.select_columns(fields).select([int(i) for i in order]).to_list() if fields
-                   else [{}] * len(order))
-        out = [{**{k: v for k, v in record.items() if v is not None}, **by_idx[idx]}
-               for idx, record in zip(order, records)]
-        out = self.finalize_predictions(out)
-        path = Path(self.predictions_file or Path(self.trainer.default_root_dir) / "predictions.jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".predictions-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in out:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        rank_zero_info(f"Wrote {len(out)} predictions to {path}")
-
-    prediction_input_fields: tuple[str, ...] = ()
-
-    def finalize_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows to write, from one row per feature in input order (tasks that split an input into
-        several features merge them here)."""
-        return rows
+        records = table.select_columns(fields).select([int(i) for i in order]).to_list() if fields else [{}] * len(order)
+        out = [{**{k: v for k, v in record.items() if v is not None}, **by_idx[idx]} for idx, record in zip(order, records)]
+        return self.merge_predictions(out)
 
     # ---- export --------------------------------------------------------------------------------
 
@@ -500,12 +772,12 @@ class TransformerModule(LightningModule):
             finally:
                 self.model = sharded
         out = Path(directory)
-        _save_folder(self.export_model(), self.tokenizer, out)
+        _save_folder(self.export_model(), self.tokenizer, out, self.export_files())
         if self.peft_config is not None and self.export_merged:
             import copy
 
             merged = copy.deepcopy(self.export_model()).merge_and_unload()
-            _save_folder(merged, self.tokenizer, out.with_name(out.name + "-merged"))
+            _save_folder(merged, self.tokenizer, out.with_name(out.name + "-merged"), self.export_files())
         return out
 
     def plain_model(self, state_dict: dict[str, torch.Tensor]) -> Any:
@@ -523,17 +795,34 @@ class TransformerModule(LightningModule):
         """The model object to save on export (with PEFT: the adapter; ``save_pretrained`` writes only it)."""
         return self.model
 
+    def export_files(self) -> dict[str, str]:
+        """Extra files the export folder holds beside the model and tokenizer: ``{file name: text}``."""
+        return {}
 
-def _save_folder(model: Any, tokenizer: Any, out: Path) -> None:
-    """``save_pretrained`` model and tokenizer into a temporary folder, then rename: never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def hub_pipeline_tag(self) -> Optional[str]:
+        """The Hugging Face pipeline tag of the export (its model card's ``pipeline_tag``); None: none fits."""
+        return None
+
+
+def _save_folder(model: Any, tokenizer: Any, out: Path, files: Optional[dict[str, str]] = None) -> None:
+    """``save_pretrained`` model and tokenizer (and ``files``) into a temporary folder, then rename: never
+    half-written."""
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    write_folder_atomic(out, fill)
+
+
+def check_checkpoint_task(checkpoint: dict[str, Any], expected: dict[str, str], key: str = "ckpt_path") -> None:
+    """A checkpoint of another task or model class cannot be loaded: one line naming both."""
+    saved = checkpoint.get("tuneforge_model")
+    if not saved:
+        return  # written before checkpoints recorded their task
+    if saved.get("task") != expected["task"] or saved.get("class_path") != expected["class_path"]:
+        raise ConfigError(f"{key}: the checkpoint holds a {str(saved.get('task')).replace('_', ' ')} model "
+                          f"({saved.get('class_path')}), not a {expected['task'].replace('_', ' ')} model "
+                          f"({expected['class_path']}); use a checkpoint of this task or change --model")

@@ -1,22 +1,25 @@
-"""Callbacks train.py adds to every run."""
+"""Callbacks train.py adds to every run, and the predictions writer."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_modules.base import ConfigError
+from lit_modules.atomic_files import write_text_atomic
+from lit_modules.errors import ConfigError
 
 
 def validation_follows(trainer: Trainer) -> bool:
@@ -52,6 +55,7 @@ class BestCheckpoint(ModelCheckpoint):
             self._every_n_epochs = kwargs.get("every_n_epochs") or 1
             self.save_last = self.save_last or True
         self._last_step_checkpoint = -1
+        self._module: Optional[LightningModule] = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -75,7 +79,8 @@ class BestCheckpoint(ModelCheckpoint):
             super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _weights_not_finite(self, trainer: Trainer) -> bool:
-        bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+        module = self._module if self._module is not None else trainer.strategy.lightning_module
+        bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
         if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             rank_zero_warn(f"Not saving a checkpoint at step {trainer.global_step}: parameters are not finite"
                            + (f" ({bad[0]}{' and more' if len(bad) > 1 else ''})" if bad else ""))
@@ -84,11 +89,14 @@ class BestCheckpoint(ModelCheckpoint):
 
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        if stage == "fit" and self.monitor and dm is not None and hasattr(dm, "has_split") and not dm.has_split("validation"):
+        self._module = pl_module
+        super().setup(trainer, pl_module, stage)
+
+    def without_validation(self) -> None:
+        """There is no validation data (train.py knows): keep the last epoch's checkpoint instead of the best."""
+        if self.monitor:
             rank_zero_info(f"No validation data: checkpointing the last epoch (nothing to compare {self.monitor} on)")
             self.monitor = None
-        super().setup(trainer, pl_module, stage)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor and trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
@@ -122,6 +130,7 @@ class RunMetadata(Callback):
         self._epoch_start = self._val_start = 0.0
         self._epoch_samples = 0
         self._val_seconds = 0.0
+        self.validation_history: list[dict[str, Any]] = []  # one row per validation while fitting (model card)
 
     @staticmethod
     def _now(trainer: Trainer) -> float:
@@ -149,6 +158,10 @@ class RunMetadata(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._val_seconds += self._now(trainer) - self._val_start
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+            row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+            self.validation_history.append(row)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = self._now(trainer) - self._epoch_start - self._val_seconds
@@ -245,18 +258,29 @@ class ResumeState(Callback):
         random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
+class Stopped(SIGTERMException):
+    """Training stopped by a signal after saving ``last.ckpt`` (``checkpoint``); ``signum`` says which signal."""
+
+    def __init__(self, signum: Optional[int], checkpoint: Path, step: int) -> None:
+        super().__init__()
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+
+
 class Preemption(Callback):
-    """SIGTERM and SIGUSR1 stop training after the running batch, with ``last.ckpt`` saved for ``--ckpt_path last``.
+    """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) stop training after the running batch, with ``last.ckpt`` saved for
+    ``--ckpt_path last``; a second Ctrl-C stops at once.
 
     The checkpoint is written at the end of a training batch that no validation follows (the same place
     step checkpoints are written; when one follows, after the next batch), so the resumed run continues
     exactly (Lightning's own SIGTERM handling may stop in the middle of a validation, from which a run does
-    not resume exactly). All processes stop at the same batch. Then
-    ``SIGTERMException`` ends ``fit`` and train.py exits with code 0 and a resume hint. Under SLURM with
-    auto-requeue Lightning's handlers stay in charge (an HPC checkpoint and ``scontrol requeue``).
+    not resume exactly; its Ctrl-C handling saves nothing). All processes stop at the same batch. Then
+    :class:`Stopped` ends ``fit`` and train.py prints the resume command and exits with 0 (SIGTERM, SIGUSR1:
+    the scheduler asked) or 130 (Ctrl-C). Under SLURM with auto-requeue Lightning's handlers stay in charge
+    (an HPC checkpoint and ``scontrol requeue``).
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    ctrl_c = False  # a Ctrl-C arrived during training (train.py's exit code says so)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -279,7 +303,14 @@ class Preemption(Callback):
                 return
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            Preemption.ctrl_c = True
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: stop now, save nothing more
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.received = signum
+        if signum == signal.SIGINT:
+            rank_zero_info("Ctrl-C: stopping after this batch and saving last.ckpt (Ctrl-C again to stop at once)")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -292,12 +323,185 @@ class Preemption(Callback):
         trainer.save_checkpoint(path)
         if isinstance(ckpt, ModelCheckpoint):
             ckpt.last_model_path = str(path)
-        name = signal.Signals(self.received).name if self.received is not None else "a signal on another process"
-        rank_zero_info(f"Stopped by {name} at step {trainer.global_step}: saved {path} (continue with `fit --ckpt_path last`)")
-        raise SIGTERMException()
+        raise Stopped(self.received, path, trainer.global_step)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous = {}
+
+
+class PredictionsWriter(BasePredictionWriter):
+    """Writes ``predict``'s output: one JSONL file in input order (and any extra files the task adds, e.g. QA's
+    official ``predictions.json``), complete under DDP (every process's rows are gathered on rank 0), written
+    atomically (a temporary file, then a rename).
+
+    The rows come from the module's ``predict_step``; ``pl_module.finalize_predictions`` puts them in input
+    order, attaches the input fields and merges per-feature rows, ``pl_module.prediction_files`` adds files.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(write_interval="epoch")
+        self.path = Path(path)
+        if self.path.suffix == ".json":  # the official QA file takes the .json name; the rows are JSON Lines
+            self.path = self.path.with_suffix(".jsonl")
+        self.written: list[Path] = []
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any],
+                           batch_indices: Optional[Sequence[Any]]) -> None:
+        schema = getattr(pl_module, "schema", None)
+        names = (schema.eval_sets.get("predict") if schema is not None else None) or []
+        # one dataloader: its batch outputs (each a list of rows); several named predict sets: one list per set
+        loaders = [list(loader) for loader in predictions] if names else [list(predictions)]
+        self.written = []
+        for i, batches in enumerate(loaders):
+            rows = [row for batch in batches for row in (batch or [])]
+            if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, rows)
+                rows = [row for part in gathered for row in part]
+            if not trainer.is_global_zero:
+                continue
+            split = f"predict/{names[i]}" if names else "predict"
+            path = self.path.with_name(f"{self.path.stem}.{names[i]}{self.path.suffix}") if names else self.path
+            out = pl_module.finalize_predictions(rows, split)
+            write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out))
+            self.written.append(path)
+            for suffix, text in pl_module.prediction_files(out).items():
+                self.written.append(write_text_atomic(path.with_suffix(suffix), text))
+            rank_zero_info(f"Wrote {len(out)} predictions to {path}")
+
+
+class PlainProgressBar(ProgressBar):
+    """Progress as whole lines, for output that goes to a file or a CI log (where tqdm's carriage returns pile up
+    into one unreadable line): a line every ``every_percent`` of an epoch and at its end, with the step, the
+    speed and the progress-bar metrics; one line per validation with its metrics."""
+
+    def __init__(self, every_percent: int = 10) -> None:
+        super().__init__()
+        self.every = max(1, min(100, every_percent))
+        self._enabled = True
+        self._next = 0
+        self._start = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, text: str) -> None:
+        if self._enabled and self.trainer.is_global_zero:
+            print(text, flush=True)
+
+    def _metrics(self, trainer: Trainer, pl_module: LightningModule, prefix: str) -> str:
+        items = self.get_metrics(trainer, pl_module)
+        shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items()
+                 if k.startswith(prefix) and k != "v_num"]
+        return ", ".join(shown)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._next, self._start = self.every, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        total = self.total_train_batches
+        if not isinstance(total, int) or total <= 0:
+            return
+        done = batch_idx + 1
+        percent = 100 * done // total
+        if percent < self._next and done != total:
+            return
+        while self._next <= percent:
+            self._next += self.every
+        rate = done / max(time.perf_counter() - self._start, 1e-9)
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self._print(f"epoch {trainer.current_epoch + 1}{epochs}  batch {done}/{total} ({percent}%)  "
+                    f"{rate:.2f} batches/s  {self._metrics(trainer, pl_module, 'train/')}")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._print(f"validation: {self._metrics(trainer, pl_module, 'val/')}")
+
+
+def progress_bar_for(stream: Any) -> ProgressBar:
+    """Rich's progress bar in a terminal; whole lines (:class:`PlainProgressBar`) when output goes to a file or CI."""
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty() and os.environ.get("TERM", "") != "dumb":
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar(leave=True)
+    return PlainProgressBar()
+
+
+class PredictionTables(Callback):
+    """``--log_predictions N``: at every validation (and test), a W&B Table of the first N examples of each
+    evaluation set (input, gold, prediction, score; per task: entity spans, answer texts, generated text), and the
+    task's plots (a confusion matrix for single-label classification), so errors can be paged through in the
+    dashboard. Offline runs keep them in their folder (``experiments compare --table`` prints the last one).
+
+    The rows come from the module (:meth:`evaluation_rows` while evaluating, :meth:`evaluation_table` at the end),
+    are gathered from every process and kept in example order; only W&B loggers receive them.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _start(self, pl_module: LightningModule) -> None:
+        pl_module.table_rows, pl_module.table_limit = {}, self.n
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        collected, pl_module.table_rows = pl_module.table_rows or {}, None
+        for key in pl_module.stage_keys(stage):
+            rows = collected.get(key, [])
+            if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, rows)
+                rows = [row for part in gathered for row in part]
+            rows = sorted({row["idx"]: row for row in rows}.values(), key=lambda row: row["idx"])
+            rows = pl_module.evaluation_table(key, rows)[: self.n]
+            plots = pl_module.evaluation_plots(key)  # on every process: it may sync metric states
+            if trainer.sanity_checking or not trainer.is_global_zero:
+                continue
+            for logger in trainer.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    _log_wandb(logger, key, rows, plots, trainer.global_step)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell W&B shows as it is: numbers and text; lists and dicts as compact JSON."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _log_wandb(logger: Any, key: str, rows: list[dict[str, Any]], plots: dict[str, Any], step: int) -> None:
+    import wandb
+
+    payload: dict[str, Any] = {}
+    if rows:
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        payload[f"{key}/predictions"] = wandb.Table(columns=columns,
+                                                    data=[[_cell(row.get(c)) for c in columns] for row in rows])
+    if "confusion_matrix" in plots:
+        names, matrix = plots["confusion_matrix"]
+        y_true = [i for i, counts in enumerate(matrix) for j, n in enumerate(counts) for _ in range(int(n))]
+        preds = [j for counts in matrix for j, n in enumerate(counts) for _ in range(int(n))]
+        if y_true:
+            payload[f"{key}/confusion_matrix"] = wandb.plot.confusion_matrix(y_true=y_true, preds=preds,
+                                                                               class_names=list(names))
+    if payload:
+        logger.experiment.log({**payload, "trainer/global_step": step})

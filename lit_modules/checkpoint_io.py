@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lit_modules.base import ConfigError
+from lit_modules.errors import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from lit_modules.base import ConfigError
+from lit_modules.errors import ConfigError
 
 _BLOCK_NAMES: set[str] = set()
 
@@ -34,7 +34,7 @@ def restore_weights(trainer: Any, checkpoint_path: str) -> None:
     strategy = trainer.strategy
     checkpoint = strategy.load_checkpoint(checkpoint_path)
     # FSDP and DeepSpeed load the weights in load_checkpoint and make this a no-op
-    strategy.load_model_state_dict(checkpoint, strict=trainer.lightning_module.strict_loading)
+    strategy.load_model_state_dict(checkpoint, strict=trainer.strategy.lightning_module.strict_loading)
 
 
 def full_state_dict(trainer: Any, checkpoint_path: Optional[str] = None) -> Optional[dict[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lit_modules.base import ConfigError
+from lit_modules.errors import ConfigError
 
 PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
 

@@ -15,11 +15,22 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lit_modules.base import ConfigError
-from lit_modules.text_classification import TextClassificationModule
+from torchmetrics import MetricCollection
+
+from lit_modules.base import TransformerModule
+from lit_modules.errors import ConfigError
+from lit_modules.schema import DataSchema
+from lit_modules.text_classification import (
+    classification_metrics,
+    classification_rows,
+    classification_table_rows,
+    update_classification_metrics,
+)
+
+SINGLE_LABEL = "single_label_classification"
 
 
-class PromptClassificationModule(TextClassificationModule):
+class PromptClassificationModule(TransformerModule):
     """Classification by label words under a language-model head.
 
     Args:
@@ -36,6 +47,10 @@ class PromptClassificationModule(TextClassificationModule):
         **kwargs: the options of :class:`~lit_modules.base.TransformerModule` (``peft`` included).
     """
 
+    task = "prompt_classification"
+    prediction_input_fields = ("text", "text_pair")
+    evaluation_options = ("calibrate", "content_free_inputs")
+
     def __init__(
         self,
         verbalizer: dict[str, Union[str, list[str]]],
@@ -46,12 +61,10 @@ class PromptClassificationModule(TextClassificationModule):
     ) -> None:
         if not verbalizer or len(verbalizer) < 2:
             raise ConfigError(f"model.verbalizer: expected at least two classes with label words, got {verbalizer!r}")
-        kwargs.pop("labels", None)
-        kwargs.pop("problem_type", None)
-        self.lm_type = lm_type  # read by peft_task_type during the base __init__
-        super().__init__(labels=[str(k) for k in verbalizer], problem_type="single_label_classification", **kwargs)
-        if self.lm_type is None:
-            self.lm_type = "masked" if self.tokenizer.mask_token is not None else "causal"
+        super().__init__(**kwargs)
+        self.labels = [str(k) for k in verbalizer]  # the classes, in the verbalizer's order
+        self.problem_type = SINGLE_LABEL
+        self.lm_type = lm_type or ("masked" if self.tokenizer.mask_token is not None else "causal")
         if self.lm_type == "causal" and self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.verbalizer = {str(k): [v] if isinstance(v, str) else list(v) for k, v in verbalizer.items()}
@@ -64,7 +77,28 @@ class PromptClassificationModule(TextClassificationModule):
 
     @property
     def peft_task_type(self) -> Optional[str]:  # type: ignore[override]
-        return "CAUSAL_LM" if getattr(self, "lm_type", None) == "causal" else None
+        return "CAUSAL_LM" if self.lm_type == "causal" else None
+
+    def apply_schema(self, schema: Optional[DataSchema]) -> dict[str, Any]:
+        """The classes are the verbalizer's; the data maps its labels to them (it fails on a label without words)."""
+        if schema is not None and schema.labels is not None and list(schema.labels) != self.labels:
+            raise ConfigError(f"model.verbalizer: classes {self.labels} differ from the data's labels {schema.labels}")
+        return {}
+
+    def build_metrics(self) -> MetricCollection:
+        return classification_metrics(SINGLE_LABEL, len(self.labels))
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor],
+                       stage: str) -> None:
+        update_classification_metrics(metrics, SINGLE_LABEL, outputs.logits, batch["labels"])
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        logits = self(**self.model_inputs(batch, labels=False)).logits
+        return classification_rows(SINGLE_LABEL, self.labels, logits, batch["idx"].tolist())
+
+    def evaluation_rows(self, outputs: Any, batch: dict[str, torch.Tensor], stage: str) -> Optional[list[dict[str, Any]]]:
+        table = self.schema.split(stage).table if self.schema is not None and self.schema.resolved else None
+        return classification_table_rows(SINGLE_LABEL, self.labels, outputs.logits, batch, table)
 
     def _word_ids(self) -> list[list[list[int]]]:
         """Token ids of every label word, per class; masked LMs need single tokens."""
@@ -88,8 +122,8 @@ class PromptClassificationModule(TextClassificationModule):
 
         auto = AutoModelForMaskedLM if self.lm_type == "masked" else AutoModelForCausalLM
         model = self.from_pretrained(auto)
-        model.config.id2label = dict(enumerate(self.labels))
-        model.config.label2id = {name: i for i, name in enumerate(self.labels)}
+        config = self.label_config()
+        model.config.id2label, model.config.label2id = config["id2label"], config["label2id"]
         return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -104,11 +138,11 @@ class PromptClassificationModule(TextClassificationModule):
     @torch.no_grad()
     def content_free_prior(self) -> torch.Tensor:
         """Log of the mean class probabilities for the content-free inputs rendered into the template."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "encode"):
-            raise ConfigError("model.calibrate: needs the prompt data module, which renders the template")
+        if self.schema is None or self.schema.encode is None:
+            raise ConfigError("model.calibrate: needs the prompt data module, which renders the template "
+                              "(lit_modules.schema.connect(model, data))")
         n = len(self.content_free_inputs)
-        encoded = datamodule.encode({"text": self.content_free_inputs, "text_pair": [None] * n})
+        encoded = self.schema.encode({"text": self.content_free_inputs, "text_pair": [None] * n})
         saved, self.log_prior = self.log_prior, None
         try:
             probs = []
@@ -120,23 +154,11 @@ class PromptClassificationModule(TextClassificationModule):
             self.log_prior = saved
         return torch.stack(probs).mean(0).log()
 
-    def _start_evaluation(self) -> None:
+    def start_evaluation(self, stage: str) -> None:
         if self.calibrate:
             self.log_prior = self.content_free_prior()
             prior = ", ".join(f"{label}={p:.3f}" for label, p in zip(self.labels, self.log_prior.exp().tolist()))
             rank_zero_info(f"Contextual calibration: class prior on content-free inputs {prior}")
-
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._start_evaluation()
-
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._start_evaluation()
-
-    def on_predict_epoch_start(self) -> None:
-        super().on_predict_epoch_start()
-        self._start_evaluation()
 
     @staticmethod
     def _aligned(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -184,9 +206,10 @@ class PromptClassificationModule(TextClassificationModule):
         logprobs = self._aligned(self.model(input_ids=ids, attention_mask=mask).logits, ids).float().log_softmax(-1)
         return logprobs[rows, positions - 1, word_t[None, :]].sum(-1)
 
-    def export(self, directory: Any, **kwargs: Any) -> Any:
-        out = super().export(directory, **kwargs)
+    def export_files(self) -> dict[str, str]:
         import json
 
-        (out / "verbalizer.json").write_text(json.dumps(self.verbalizer, indent=2) + "\n")
-        return out
+        return {"verbalizer.json": json.dumps(self.verbalizer, indent=2) + "\n"}
+
+    def hub_pipeline_tag(self) -> Optional[str]:
+        return "fill-mask" if self.lm_type == "masked" else "text-generation"

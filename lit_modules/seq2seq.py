@@ -18,8 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 
-from datamodules.seq2seq import IGNORE_INDEX
-from lit_modules.base import ConfigError, TransformerModule, resolve_model_path
+from lit_modules.base import TransformerModule, held_load_reports, resolve_model_path
+from lit_modules.errors import ConfigError, first_line
+from lit_modules.schema import DEFAULT_PROMPT, IGNORE_INDEX, DataSchema
 from lit_modules.seq2seq_metrics import (
     MeanGeneratedLength,
     RougeScore,
@@ -86,7 +87,11 @@ class Seq2SeqModule(TransformerModule):
         **kwargs: the shared options of :class:`~lit_modules.base.TransformerModule`.
     """
 
+    task = "seq2seq"
     prediction_input_fields = ("source", "target")
+    evaluation_options = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
+                          "generation_kwargs", "generate_every_n_epochs", "generate_val_samples", "rouge_use_stemmer",
+                          "sentence_splitter", "bleu_tokenize")
 
     def __init__(
         self,
@@ -144,7 +149,7 @@ class Seq2SeqModule(TransformerModule):
         self.decoder_name_or_path = decoder_name_or_path
         self._prepare_tokenizer()
         self._generate_rows: dict[str, str | None] = {"val": None, "test": None}
-        self.data_prompt: dict[str, Any] = {}  # source_prefix / prompt_template of the data, set in setup
+        self.data_prompt: dict[str, Any] = {}  # source_prefix / prompt_template of the data (the schema's)
 
     @property
     def decoder_only(self) -> bool:
@@ -174,12 +179,10 @@ class Seq2SeqModule(TransformerModule):
 
     # ---- model ---------------------------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
-        """Record the resolved architecture (the checkpoint carries it) and the data's prompt settings (for the export)."""
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        self.data_prompt = {k: getattr(dm, k) for k in ("source_prefix", "prompt_template", "source_lang", "target_lang")
-                            if hasattr(dm, k)}
-        self.save_hyperparameters({**self.hparams, "architecture": self.architecture})
+    def apply_schema(self, schema: Optional[DataSchema]) -> dict[str, Any]:
+        """Keep the data's prompt settings (for the export); record the resolved architecture in the checkpoint."""
+        self.data_prompt = dict(schema.prompt) if schema is not None else {}
+        return {"architecture": self.architecture}
 
     def build_model(self) -> Any:
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -211,11 +214,12 @@ class Seq2SeqModule(TransformerModule):
             else:
                 kwargs[f"encoder_{key}"] = kwargs[f"decoder_{key}"] = value
         try:
-            model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder, decoder, **kwargs)
+            with held_load_reports() as reports:
+                model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder, decoder, **kwargs)
+            self.report_new_weights(reports, "EncoderDecoderModel")
         except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.model_name_or_path: cannot warm-start an encoder-decoder from '{encoder}' and "
-                              f"'{decoder}': {reason}") from None
+                              f"'{decoder}': {first_line(e)}") from None
         for cfg in (model.config, model.generation_config):
             cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = self._encoder_decoder_tokens()
         model.config.vocab_size = model.config.decoder.vocab_size
@@ -255,8 +259,10 @@ class Seq2SeqModule(TransformerModule):
         texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
         return texts, lengths
 
-    def _start_generation_epoch(self, stage: str) -> None:
+    def start_evaluation(self, stage: str) -> None:
         """Decide whether (and for which rows) this validation / test epoch generates."""
+        if stage == "predict":
+            return
         trainer = self.trainer
         rows: str | None = "all"
         if stage == "val" and trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -267,20 +273,10 @@ class Seq2SeqModule(TransformerModule):
                 rows = "subset"
         self._generate_rows[stage] = rows
 
-    def on_validation_epoch_start(self) -> None:
-        self._start_generation_epoch("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start_generation_epoch("test")
-
-    def evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        """Teacher-forced loss on every batch; generation and its metrics on the epochs (and rows) that generate."""
-        outputs = self(**self.model_inputs(batch))
-        n = batch["input_ids"].shape[0]
-        loss_metric, metrics = self.stage_metrics(stage)
-        loss_metric.update(outputs.loss.detach(), weight=self.loss_weight(batch))
-        self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val", batch_size=n)
-        rows = self._generate_rows[stage]
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor],
+                       stage: str) -> None:
+        """Generation and its metrics on the epochs (and rows) that generate (the loss covers every batch)."""
+        rows = self._generate_rows[stage.partition("/")[0]]  # val/<set>: the plan of its stage
         if rows is None:
             return
         if rows == "subset":
@@ -289,27 +285,30 @@ class Seq2SeqModule(TransformerModule):
                 return
             batch = {k: v[keep] for k, v in batch.items()}
         texts, lengths = self.generate_texts(batch)
-        split = "validation" if stage == "val" else "test"
-        all_refs = self.trainer.datamodule.references[split]
+        all_refs = self.schema.split(stage).references if self.schema is not None else None
+        if all_refs is None:
+            raise ConfigError(f"the {stage} data hold no reference texts to score the generated ones against")
         idx = batch["idx"]
         metrics.update(preds=texts, references=[all_refs[i] for i in idx.tolist()], idx=idx, gen_lengths=lengths)
+        self._last_generated = dict(zip(idx.tolist(), texts))  # for the examples table (--log_predictions)
+
+    def evaluation_rows(self, outputs: Any, batch: dict[str, torch.Tensor], stage: str) -> Optional[list[dict[str, Any]]]:
+        """Per example the epoch generated for: the source, the references and the generated text."""
+        generated, self._last_generated = getattr(self, "_last_generated", {}), {}
+        if not generated or self.schema is None:
+            return []
+        split = self.schema.split(stage)
+        idx = sorted(generated)
+        sources = split.table.select_columns(["source"]).select(idx).to_list() if split.table is not None else []
+        refs = split.references or []
+        return [{"idx": i, "source": (sources[k]["source"] if sources else None),
+                 "reference": refs[i] if i < len(refs) else None, "generated": generated[i]}
+                for k, i in enumerate(idx)]
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """The loss is a mean over target tokens (a causal LM predicts each from the one before it)."""
         labels = batch["labels"][:, 1:] if self.decoder_only else batch["labels"]
-        return int((labels != -100).sum())
-
-    def _log_generation_metrics(self, stage: str) -> None:
-        _, metrics = self.stage_metrics(stage)
-        if self._generate_rows[stage] is not None:
-            self.log_dict(metrics.compute(), prog_bar=stage == "val")
-        metrics.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_generation_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_generation_metrics("test")
+        return int((labels != IGNORE_INDEX).sum())
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         texts, _ = self.generate_texts(batch)
@@ -325,8 +324,12 @@ class Seq2SeqModule(TransformerModule):
         task = f"translation_{src}_to_{tgt}" if src and tgt else "summarization"
         params = {"prefix": prompt.get("source_prefix") or ""}
         if prompt.get("prompt_template") is not None or self.decoder_only:
-            from datamodules.seq2seq import DEFAULT_PROMPT
-
             params["prompt_template"] = prompt.get("prompt_template") or DEFAULT_PROMPT
         self.model.config.task_specific_params = {task: params}
         return self.model
+
+    def hub_pipeline_tag(self) -> Optional[str]:
+        if self.decoder_only:
+            return "text-generation"
+        translation = self.data_prompt.get("source_lang") and self.data_prompt.get("target_lang")
+        return "translation" if translation else "summarization"

@@ -15,7 +15,9 @@ import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
-from lit_modules.base import ConfigError, TransformerModule, load_pretrained
+from lit_modules.base import TransformerModule, load_pretrained
+from lit_modules.errors import ConfigError
+from lit_modules.schema import DataSchema
 
 MetricMode = Literal["default", "strict"]
 Entity = tuple[str, int, int]  # (type, start, end): tokens[start:end]
@@ -170,8 +172,11 @@ class TokenClassificationModule(TransformerModule):
         **kwargs: the shared options of :class:`~lit_modules.base.TransformerModule`.
     """
 
+    task = "token_classification"
     prediction_input_fields = ("tokens",)
     peft_task_type = "TOKEN_CLS"
+    non_input_keys = frozenset({"idx", "score_word", "sentence"})
+    evaluation_options = ("metric_mode",)
 
     def __init__(self, labels: Optional[list[str]] = None, metric_mode: MetricMode = "default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -196,43 +201,31 @@ class TokenClassificationModule(TransformerModule):
                                         add_prefix_space=True, **kwargs)
         return tokenizer
 
-    def setup(self, stage: str) -> None:
+    def apply_schema(self, schema: Optional[DataSchema]) -> dict[str, Any]:
         """Take the tag set the data module resolved (the model's own when it had one)."""
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is not None and getattr(dm, "labels", None) is not None:
-            self.labels = dm.labels
-        if self.labels is None:
-            raise ConfigError("model.labels: unknown; set them, load a checkpoint, or train on tagged data")
-        self.save_hyperparameters({**self.hparams, "labels": self.labels})
+        return {"labels": self.resolve_labels(schema, "tags")}
 
     def build_model(self) -> Any:
         from transformers import AutoConfig, AutoModelForTokenClassification
 
         if self.labels is None:
             raise ConfigError("model.labels: unknown; set them, load a checkpoint, or train on tagged data")
-        config = self.from_pretrained(
-            AutoConfig, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
-            label2id={name: i for i, name in enumerate(self.labels)},
-        )
+        config = self.from_pretrained(AutoConfig, **self.label_config())
         return self.from_pretrained(AutoModelForTokenClassification, config=config)
 
     def build_metrics(self) -> MetricCollection:
         return MetricCollection({"entities": EntityScores(self.labels or [], self.metric_mode)})
 
-    @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k not in ("idx", "score_word", "sentence")}
-
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """The loss is a mean over the labelled sub-tokens."""
         return int((batch["labels"] != -100).sum())
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor],
+                       stage: str) -> None:
         metrics.update(outputs.logits.detach().argmax(-1), batch["labels"], batch["score_word"], batch["sentence"])
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        inputs = {k: v for k, v in self.model_inputs(batch).items() if k != "labels"}
-        best = self(**inputs).logits.argmax(-1).cpu()
+        best = self(**self.model_inputs(batch, labels=False)).logits.argmax(-1).cpu()
         score_word = batch["score_word"].cpu()
         rows = []
         for row, (idx, sentence) in enumerate(zip(batch["idx"].tolist(), batch["sentence"].tolist())):
@@ -241,7 +234,29 @@ class TokenClassificationModule(TransformerModule):
                          "tags": [self.labels[t] for t in best[row][mask].tolist()]})
         return rows
 
-    def finalize_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def evaluation_rows(self, outputs: Any, batch: dict[str, torch.Tensor], stage: str) -> Optional[list[dict[str, Any]]]:
+        """Per window: its words, and the gold and predicted entities among the words it scores."""
+        table = self.schema.split(stage).table if self.schema is not None and self.schema.resolved else None
+        idx = batch["idx"].tolist()
+        sentences = table.select_columns(["tokens"]).select(idx).to_list() if table is not None else [{}] * len(idx)
+        pred, gold, score_word = (t.detach().cpu() for t in (outputs.logits.argmax(-1), batch["labels"],
+                                                              batch["score_word"]))
+        labels, rows = self.labels or [], []
+        for r, record in enumerate(sentences):
+            mask = score_word[r] >= 0
+            words = score_word[r][mask].tolist()
+            tokens = record.get("tokens") or []
+
+            def spans(ids: list[int], tokens: list[str] = tokens, words: list[int] = words) -> list[str]:
+                tags = [labels[t] if 0 <= t < len(labels) else "O" for t in ids]
+                return [f"{kind}: {' '.join(tokens[words[s]:words[e - 1] + 1])}"
+                        for kind, s, e in extract_entities(tags, self.metric_mode)]
+
+            rows.append({"idx": idx[r], "text": " ".join(tokens[words[0]:words[-1] + 1]) if words else "",
+                         "gold": spans(gold[r][mask].tolist()), "prediction": spans(pred[r][mask].tolist())})
+        return rows
+
+    def merge_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One row per sentence: its tokens, the predicted tag of each and the entity spans they make."""
         merged: dict[int, dict[str, Any]] = {}
         for row in rows:  # the windows of a sentence, in order
@@ -257,3 +272,6 @@ class TokenClassificationModule(TransformerModule):
                         for kind, start, end in extract_entities(tags, self.metric_mode)]
             result.append({"idx": sentence, "tokens": tokens, "tags": tags, "entities": entities})
         return result
+
+    def hub_pipeline_tag(self) -> Optional[str]:
+        return "token-classification"

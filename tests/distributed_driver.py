@@ -23,6 +23,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+from lit_modules.callbacks import PredictionsWriter  # noqa: E402
+from lit_modules.schema import connect  # noqa: E402
+
+
 def build(section: dict[str, Any]) -> Any:
     """The object a ``{"class_path", "init_args"}`` section describes."""
     module, _, name = section["class_path"].rpartition(".")
@@ -42,6 +46,7 @@ def fit_checkpoint(spec: dict[str, Any], path: Path, steps: int = 3) -> Path:
 
     seed_everything(0, verbose=False)
     model, dm = build(spec["model"]), build(spec["data"])
+    connect(model, dm)
     t = trainer(1, max_steps=steps, limit_val_batches=0, enable_checkpointing=False, default_root_dir=str(path.parent))
     t.fit(model, datamodule=dm)
     t.save_checkpoint(path)
@@ -53,8 +58,9 @@ def evaluate(specs: list[dict[str, Any]], out_dir: Path, devices: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         model, dm = build(spec["model"]), build(spec["data"])
-        model.predictions_file = str(out_dir / f"{spec['name']}-predictions.jsonl")
-        t = trainer(devices, enable_checkpointing=False, default_root_dir=str(out_dir))
+        connect(model, dm)
+        writer = PredictionsWriter(out_dir / f"{spec['name']}-predictions.jsonl")
+        t = trainer(devices, enable_checkpointing=False, default_root_dir=str(out_dir), callbacks=[writer])
         ckpt = spec.get("ckpt")
         val = t.validate(model, datamodule=dm, ckpt_path=ckpt, verbose=False)
         test = t.test(model, datamodule=dm, ckpt_path=ckpt, verbose=False)

@@ -13,6 +13,7 @@ import torch
 from datamodules.base import Collator, LengthGroupedSampler, ShuffleSampler, TrainShardSampler
 from datamodules.readers import DataError
 from datamodules.text_classification import TextClassificationDataModule
+from lit_modules.schema import ModelFacts
 from tests.conftest import SENTIMENT
 
 
@@ -31,7 +32,7 @@ def jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 def make_dm(tokenizer: Any, tmp_path: Path, **kwargs: Any) -> TextClassificationDataModule:
     kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
     dm = TextClassificationDataModule(**kwargs)
-    dm.attach_tokenizer(tokenizer)
+    dm.connect(tokenizer)
     return dm
 
 
@@ -198,26 +199,10 @@ def test_multi_label_and_regression(tokenizer: Any, tmp_path: Path) -> None:
     assert dm.problem_type == "single_label_classification" and dm.labels == ["1", "2", "10"]
 
 
-class _Model:
-    """Stands in for a model that already knows its label schema (as after loading a checkpoint)."""
-
-    def __init__(self, labels: list[str] | None, problem_type: str | None) -> None:
-        self.labels, self.problem_type = labels, problem_type
-
-
-class _Trainer:
-    def __init__(self, model: Any) -> None:
-        self.lightning_module, self.world_size = model, 1
-
-        class _State:
-            fn = None
-
-        self.state = _State()
-
-
 def test_schema_comes_from_the_model_when_it_has_one(tokenizer: Any, tmp_path: Path) -> None:
     dm = make_dm(tokenizer, tmp_path, validation_file=str(SENTIMENT / "validation.jsonl"))
-    dm.trainer = _Trainer(_Model(["positive", "negative"], "single_label_classification"))
+    # the model already knows its label schema (as after loading a checkpoint): its facts reach the data
+    dm.connect(tokenizer, ModelFacts(labels=("positive", "negative"), problem_type="single_label_classification"))
     dm.setup("validate")
     assert dm.labels == ["positive", "negative"]  # model's order, not re-derived
     labels = [json.loads(x)["label"] for x in (SENTIMENT / "validation.jsonl").read_text().splitlines()]
@@ -253,7 +238,7 @@ def test_validation_label_unseen_in_training(tokenizer: Any, tmp_path: Path) -> 
 def test_non_numeric_regression_label(tokenizer: Any, tmp_path: Path) -> None:
     train = jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": 1.5}, {"text": "bad", "label": "high"}])
     dm = make_dm(tokenizer, tmp_path, train_file=train)
-    dm.trainer = _Trainer(_Model(None, "regression"))
+    dm.connect(tokenizer, ModelFacts(problem_type="regression"))
     with pytest.raises(DataError, match=r"train\.jsonl:2: regression label must be a number, got 'high'"):
         dm.setup("fit")
 
@@ -294,3 +279,83 @@ def test_tiny_tokenizer_knows_the_corpus(tokenizer: Any) -> None:
     """Guard for the test fixtures themselves: the tiny tokenizer must not map text to [UNK]."""
     ids = tokenizer("The planetarium show was mesmerizing.")["input_ids"]
     assert tokenizer.unk_token_id not in ids and len(ids) > 4
+
+
+USER_MODULE = '''
+from datamodules.text_classification import TextClassificationDataModule
+
+
+def clean(text):
+    return text{edit}
+
+
+class UserDataModule(TextClassificationDataModule):
+    def canonical_columns(self, records, lines, split, source):
+        columns = super().canonical_columns(records, lines, split, source)
+        columns["text"] = [clean(t) for t in columns["text"]]
+        return columns
+'''
+
+
+def _load_user_module(path: Path, edit: str) -> Any:
+    import importlib.util
+    import sys
+
+    path.write_text(USER_MODULE.format(edit=edit), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("user_dm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["user_dm"] = module  # as an import would: the cache key reads modules through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_editing_a_helper_that_only_canonical_columns_calls_retokenises(tokenizer: Any, tmp_path: Path) -> None:
+    """The cache key covers the source of every project module the features depend on: a helper edited
+    outside canonical_columns / encode still changes the key, so no stale features are served."""
+    import sys
+
+    source = tmp_path / "user_dm.py"
+    args = dict(train_file=str(SENTIMENT / "train.jsonl"), max_train_samples=4, max_seq_length=32)
+    try:
+        module = _load_user_module(source, "")
+        first = module.UserDataModule(cache_dir=str(tmp_path / "cache"), **args)
+        first.connect(tokenizer)
+        first.setup("fit")
+        module = _load_user_module(source, ' + " great"')  # the user edits the helper, nothing else
+        second = module.UserDataModule(cache_dir=str(tmp_path / "cache"), **args)
+        second.connect(tokenizer)
+        second.setup("fit")
+    finally:
+        sys.modules.pop("user_dm", None)
+    great = tokenizer.convert_tokens_to_ids("great")
+    before, after = first.datasets["train"]["input_ids"], second.datasets["train"]["input_ids"]
+    assert before != after
+    assert all(ids[-2] == great for ids in after)  # tokenised again: the edited helper's output, before [SEP]
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == 2
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["0", "1", "negative", "positive", "1"], r"t\.jsonl: labels mix two spellings: 3 class ids / numbers like '0' "
+                                             r"\(first at line 1\) and 2 names like 'negative' \(first at line 3\)"),
+    ([1, "pos", 0], r"t\.jsonl: labels mix two spellings: 2 class ids / numbers like '1' \(first at line 1\) and 1 "
+                    r"names like 'pos' \(first at line 2\)"),
+    ([["food", "1"], ["price"]], r"t\.jsonl: labels mix two spellings: 1 class ids / numbers like '1' \(first at "
+                                 r"line 1\) and 2 names like 'food'"),
+])
+def test_mixed_label_spellings_stop_instead_of_making_extra_classes(tokenizer: Any, tmp_path: Path, labels: list[Any],
+                                                                    message: str) -> None:
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "t.jsonl", rows))
+    with pytest.raises(DataError, match=message):
+        dm.setup("fit")
+
+
+def test_one_spelling_of_ids_or_numbers_still_works(tokenizer: Any, tmp_path: Path) -> None:
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate([0, "1", 1, "0"])]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "ids.jsonl", rows))
+    dm.setup("fit")
+    assert dm.labels == ["0", "1"]
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate([1, 2.5, "3.75"])]
+    dm = make_dm(tokenizer, tmp_path, train_file=jsonl(tmp_path / "reg.jsonl", rows))
+    dm.setup("fit")
+    assert dm.problem_type == "regression"

@@ -127,7 +127,7 @@ def qa_module(tiny_bert: Path) -> QuestionAnsweringDataModule:
     from transformers import AutoTokenizer
 
     dm = QuestionAnsweringDataModule()
-    dm.attach_tokenizer(AutoTokenizer.from_pretrained(tiny_bert))
+    dm.connect(AutoTokenizer.from_pretrained(tiny_bert))
     return dm
 
 

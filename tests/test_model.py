@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from datamodules.text_classification import TextClassificationDataModule
 from lit_modules.base import ConfigError, resolve_model_path
 from lit_modules.text_classification import TextClassificationModule
+from lit_modules.schema import connect
 from tests.conftest import SENTIMENT
 
 
@@ -28,6 +29,7 @@ def test_model_is_in_train_mode_during_training(tiny_bert: Path, tmp_path: Path)
     model = Probe(model_name_or_path=str(tiny_bert))
     dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=64,
                                       cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=tmp_path).fit(model, dm)
     assert seen and all(seen)  # dropout active although from_pretrained returns an eval-mode model
@@ -37,6 +39,7 @@ def fit_and_capture(tiny_bert: Path, tmp_path: Path, **model_kwargs: Any) -> tup
     model = TextClassificationModule(model_name_or_path=str(tiny_bert), **model_kwargs)
     dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=32,
                                       cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     trainer = Trainer(max_epochs=2, accumulate_grad_batches=3, logger=CSVLogger(tmp_path), enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, dm)
@@ -166,6 +169,7 @@ def test_gradient_clipping_with_the_fused_optimizer(tiny_bert: Path, tmp_path: P
     model = TextClassificationModule(model_name_or_path=str(tiny_bert), learning_rate=1e-3)
     dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=32,
                                       cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     Trainer(max_steps=4, precision=precision, gradient_clip_val=0.01, callbacks=[GradNorm()], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=tmp_path).fit(model, dm)
@@ -193,6 +197,7 @@ def test_throughput_leaves_validation_time_out(tiny_bert: Path, tmp_path: Path) 
     dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"),
                                       validation_file=str(SENTIMENT / "validation.jsonl"), max_eval_samples=8,
                                       batch_size=64, cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     meta, slow = RunMetadata(str(tmp_path)), SlowValidation()
     trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from lit_modules.schema import connect
 from tests.conftest import ROOT, SENTIMENT, results, run_train, write_experiment
 
 PRESETS = ["lora", "adalora", "ia3", "prompt_tuning", "p_tuning"]
@@ -80,6 +81,7 @@ def test_adalora_ranks_shrink(tiny_bert: Path, tmp_path: Path) -> None:
         "peft_type": "ADALORA", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 4, "deltaT": 1})
     dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=16, max_train_samples=256,
                                       cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, dm)

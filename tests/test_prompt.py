@@ -68,7 +68,7 @@ def test_few_shot_fine_tuning_and_export(tiny_bert: Path, tiny_llama: Path, tmp_
 
 def _dm(tokenizer: Any, tmp_path: Path, **kwargs: Any) -> PromptClassificationDataModule:
     dm = PromptClassificationDataModule(cache_dir=str(tmp_path / "cache"), **kwargs)
-    dm.attach_tokenizer(tokenizer)
+    dm.connect(tokenizer)
     return dm
 
 
@@ -168,7 +168,7 @@ def test_contextual_calibration_divides_by_the_content_free_prior(tiny_llama: Pa
     model.configure_model()
     model.eval()
     dm = PromptClassificationDataModule(template="Review: {text}\nSentiment:", max_seq_length=48)
-    dm.attach_tokenizer(model.tokenizer)
+    dm.connect(model.tokenizer)
     ids = torch.tensor(dm.encode({"text": ["N/A"], "text_pair": [None]})["input_ids"])
     raw = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.softmax(-1)[0]
     model.log_prior = raw.log()

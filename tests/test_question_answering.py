@@ -137,7 +137,7 @@ def make_dm(tokenizer: Any, tmp_path: Path, **kwargs: Any) -> QuestionAnsweringD
     kwargs.setdefault("max_seq_length", 64)
     kwargs.setdefault("doc_stride", 16)
     dm = QuestionAnsweringDataModule(**kwargs)
-    dm.attach_tokenizer(tokenizer)
+    dm.connect(tokenizer)
     return dm
 
 

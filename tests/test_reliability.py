@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from datamodules.base import LengthGroupedSampler, ResumableDataLoader, ShuffleSampler
 from datamodules.text_classification import TextClassificationDataModule
+from lit_modules.schema import connect
 from lit_modules.text_classification import TextClassificationModule
 from tests.conftest import ROOT, SENTIMENT, results, run_train, run_train_subprocess, write_experiment
 
@@ -129,6 +130,7 @@ def test_adalora_statistics_travel_with_the_checkpoint(tiny_bert: Path, tmp_path
             "target_modules": ["query", "value"]})
         dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), batch_size=8, max_train_samples=32,
                                           cache_dir=str(tmp_path / "cache"))
+        connect(model, dm)
         Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ResumeState(), probe],
                 ).fit(model, dm, ckpt_path=ckpt)
@@ -463,7 +465,7 @@ def test_overwrite_cache_tokenises_again(tiny_bert: Path, tmp_path: Path) -> Non
     def prepared(overwrite: bool) -> Path:
         dm = TextClassificationDataModule(train_file=str(SENTIMENT / "train.jsonl"), cache_dir=str(tmp_path),
                                           overwrite_cache=overwrite)
-        dm.attach_tokenizer(AutoTokenizer.from_pretrained(tiny_bert))
+        dm.connect(AutoTokenizer.from_pretrained(tiny_bert))
         dm.prepare_data()
         return dm._cache_path("train")
 

@@ -21,6 +21,7 @@ from datamodules.seq2seq import IGNORE_INDEX, Seq2SeqDataModule
 from lit_modules.base import ConfigError
 from lit_modules.seq2seq import Seq2SeqModule, detect_architecture, left_padded_prompts
 from lit_modules.seq2seq_metrics import MeanGeneratedLength, RougeScore, SacreBleuScore, split_sentences
+from lit_modules.schema import ModelFacts, connect
 from tests.conftest import build_tiny_bert, fit_with_lora_and_test_again, results, run_train
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -114,12 +115,12 @@ def make_dm(path: Path, tokenizer_dir: Path | None = None, decoder_only: bool = 
     from transformers import AutoTokenizer
 
     dm = Seq2SeqDataModule(**{f"{split}_file": str(path)}, cache_dir=str(path.parent / "cache"), **kwargs)
+    tok = None
     if tokenizer_dir is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         if decoder_only and tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        dm.attach_tokenizer(tok)
-    dm.decoder_only = decoder_only
+    dm.connect(tok, ModelFacts(task="seq2seq", decoder_only=decoder_only))
     return dm
 
 
@@ -259,8 +260,7 @@ def test_hub_dataset_through_load_dataset(tmp_path: Path, tiny_t5: Path) -> None
     dm = Seq2SeqDataModule(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"))
     from transformers import AutoTokenizer
 
-    dm.attach_tokenizer(AutoTokenizer.from_pretrained(tiny_t5))
-    dm.decoder_only = False
+    dm.connect(AutoTokenizer.from_pretrained(tiny_t5))
     dm.setup("fit")
     assert dm.references["validation"] == [["alpha"], ["gamma"]]
 
@@ -416,6 +416,7 @@ def fit_tiny(model_dir: Path, data: Path, tmp_path: Path, epochs: int, **model_k
     model = Seq2SeqModule(model_name_or_path=str(model_dir), **{"learning_rate": 1e-2, "max_new_tokens": 6, **model_kwargs})
     dm = Seq2SeqDataModule(train_file=str(data / "train.jsonl"), validation_file=str(data / "validation.jsonl"),
                            batch_size=16, cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     trainer = Trainer(max_epochs=epochs, logger=CSVLogger(tmp_path, name="", version="csv"), enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                       num_sanity_val_steps=0)
@@ -447,6 +448,7 @@ def test_generation_every_n_epochs_and_on_a_subset(tiny_t5: Path, copy_data: Pat
     model = Counting(model_name_or_path=str(tiny_t5), max_new_tokens=3, generate_every_n_epochs=2, generate_val_samples=7)
     dm = Seq2SeqDataModule(train_file=str(copy_data / "train.jsonl"), validation_file=str(copy_data / "validation.jsonl"),
                            batch_size=32, max_train_samples=32, cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
     Trainer(max_epochs=4, logger=CSVLogger(tmp_path, name="", version="csv"), enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(model, dm)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))

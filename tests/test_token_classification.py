@@ -25,6 +25,7 @@ from datamodules.token_classification import (
     to_iob2,
 )
 from lit_modules.base import ConfigError
+from lit_modules.schema import ModelFacts
 from lit_modules.token_classification import (
     EntityScores,
     TokenClassificationModule,
@@ -131,7 +132,7 @@ def tokenizer(ner_bert: Path) -> Any:
 def make_dm(tokenizer: Any, tmp_path: Path, **kwargs: Any) -> TokenClassificationDataModule:
     kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
     dm = TokenClassificationDataModule(**kwargs)
-    dm.attach_tokenizer(tokenizer)
+    dm.connect(tokenizer)
     return dm
 
 
@@ -235,7 +236,7 @@ def test_metric_rebuilds_sentences_from_windows_across_processes(mode: str) -> N
         chunk = updates[k:k + 8]
         width = max(len(u[2]) for u in chunk)
 
-        def pad(a: np.ndarray, value: int) -> np.ndarray:
+        def pad(a: np.ndarray, value: int, width: int = width) -> np.ndarray:
             return np.pad(a, (0, width - len(a)), constant_values=value)
 
         processes[(k // 8) % 2].update(
@@ -655,19 +656,11 @@ def test_predict_file_with_tokens_only(tokenizer: Any, tmp_path: Path) -> None:
     path = tmp_path / "predict.txt"
     path.write_text("Alice\nvisited\nParis\n\n" + "\n".join(["Rome"] * 40) + "\n")
 
-    class Model:
-        labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
-
-    class Trainer:
-        lightning_module, world_size = Model(), 1
-
-        class state:  # noqa: N801
-            fn = None
-
+    labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]  # the model's (as after loading a checkpoint)
     dm = make_dm(tokenizer, tmp_path, predict_file=str(path), max_seq_length=16, doc_stride=4)
-    dm.trainer = Trainer()
+    dm.connect(tokenizer, ModelFacts(task="token_classification", labels=tuple(labels)))
     dm.setup("predict")
-    assert dm.labels == Model.labels
+    assert dm.labels == labels
     columns = dm.batch_columns["predict"]
     assert "labels" not in columns
     scored = sorted((s, w) for s, words in zip(columns["sentence"], columns["score_word"]) for w in words if w >= 0)

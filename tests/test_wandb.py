@@ -69,7 +69,7 @@ def test_no_prompt_with_a_terminal_attached(tiny_bert: Path, tmp_path: Path) -> 
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"train.py still running after 300 s with a terminal attached:\n{output[-2000:].decode(errors='replace')}")
+        raise AssertionError(f"train.py still running after 300 s with a terminal attached:\n{output[-2000:].decode(errors='replace')}") from None
     finally:
         os.close(master)
     text = output.decode(errors="replace")

@@ -1,0 +1,74 @@
+"""Progress that suits where the output goes (issue #19, item 4) and the early-stopping preset."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, results, run_train, run_train_subprocess, write_experiment
+
+
+def test_output_to_a_file_gets_whole_progress_lines(tmp_path: Path, tiny_bert: Path) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, trainer={"max_epochs": 2, "enable_progress_bar": True})
+    proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout  # no carriage-return-joined bar in a log file
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("epoch ")]
+    assert any(re.match(r"epoch 2/2  batch 16/16 \(100%\)  [\d.]+ batches/s  train/loss=", x) for x in lines), lines
+    assert sum(x.startswith("validation: val/") for x in proc.stdout.splitlines()) == 2  # once per epoch
+
+
+def test_a_terminal_gets_richs_progress_bar_and_model_summary(tmp_path: Path, tiny_bert: Path) -> None:
+    exp = write_experiment(tmp_path / "tty.yaml", tiny_bert, data={"max_train_samples": 32},
+                           trainer={"max_steps": 2, "limit_val_batches": 1, "enable_progress_bar": True,
+                                    "enable_model_summary": True})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TUNEFORGE_RUN_DIR"))}
+    env["TERM"] = "xterm-256color"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(exp), "--output_dir",
+                             str(tmp_path / "runs"), "--export", "false", "--test_after_fit", "false"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    output, deadline = b"", time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                output += os.read(master, 65536)
+            except OSError:
+                break
+    proc.wait(timeout=60)
+    os.close(master)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "━" in text  # Rich's bar (and its summary table's rules)
+    assert not re.search(r"^epoch \d+/", text, re.M)  # not the plain lines
+
+
+def test_early_stopping_preset_stops_on_the_checkpoint_monitor(tmp_path: Path, tiny_bert: Path) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, model={"learning_rate": 1e-12},
+                           trainer={"max_epochs": 10}, data={"max_train_samples": 32},
+                           extra={"checkpoint": {"monitor": "val/accuracy", "mode": "max"}})
+    code, run_dir = run_train(["fit", "--config", str(exp), "--config",
+                               str(ROOT / "configs" / "callbacks" / "early_stopping.yaml"),
+                               "--early_stopping", "{patience: 1}", "--output_dir", str(tmp_path / "runs")])
+    assert code == 0
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        epochs = {int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/accuracy")}
+    assert len(epochs) == 2  # no change in accuracy: the first validation, then one more with patience 1
+    assert results(run_dir)["test"]
+
+
+def test_early_stopping_with_an_unknown_option_is_one_line(tmp_path: Path, tiny_bert: Path) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert)
+    proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
+                                 "--early_stopping", "{patiance: 2}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.search(r"error: early_stopping: .*patiance", proc.stderr.strip().splitlines()[-1])
