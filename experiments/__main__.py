@@ -1,5 +1,5 @@
-"""`python -m experiments <tool>`: list (the paper baselines), reproduce (run one and compare with the
-published number), compare (runs side by side without the W&B dashboard)."""
+"""`python -m experiments <tool>`: list (the paper baselines), reproduce (run one, or one per seed with --seeds, and
+compare with the published number), compare (runs side by side without the W&B dashboard)."""
 
 from __future__ import annotations
 
