@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silence the fork warning of DataLoader workers
 
 from lightning.pytorch import Trainer  # noqa: E402
-from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar, RichModelSummary, RichProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar, RichModelSummary  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -42,6 +42,7 @@ from lit_modules.callbacks import (  # noqa: E402
     PredictionTables,
     RunMetadata,
     Stopped,
+    is_terminal,
     progress_bar_for,
 )
 from lit_modules.checkpoint_io import AtomicCheckpointIO, check_checkpoint  # noqa: E402
@@ -252,9 +253,9 @@ class TuneforgeCLI(LightningCLI):
         callbacks += [RunMetadata(str(self.run_dir)), ResumeState(), Preemption()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(progress_bar_for(sys.stdout))  # Rich in a terminal, whole lines in a file or CI log
-            if isinstance(callbacks[-1], RichProgressBar) and config.get("enable_model_summary") is not False and \
-                    not any(isinstance(c, ModelSummary) for c in callbacks):
-                callbacks.append(RichModelSummary(max_depth=1))
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            # Lightning's own default is Rich's table whenever rich is installed, box characters in a log file too
+            callbacks.append(RichModelSummary(max_depth=1) if is_terminal(sys.stdout) else ModelSummary(max_depth=1))
         tables = self.config[self.subcommand].get("log_predictions") or 0
         if tables < 0:
             raise ConfigError(f"log_predictions: expected a number of examples >= 0, got {tables}")

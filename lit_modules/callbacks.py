@@ -425,10 +425,15 @@ class PlainProgressBar(ProgressBar):
             self._print(f"validation: {self._metrics(trainer, pl_module, 'val/')}")
 
 
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal that can show Rich's live output (not a file, a pipe, CI or TERM=dumb)."""
+    isatty = getattr(stream, "isatty", None)
+    return isatty is not None and isatty() and os.environ.get("TERM", "") != "dumb"
+
+
 def progress_bar_for(stream: Any) -> ProgressBar:
     """Rich's progress bar in a terminal; whole lines (:class:`PlainProgressBar`) when output goes to a file or CI."""
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty() and os.environ.get("TERM", "") != "dumb":
+    if is_terminal(stream):
         from lightning.pytorch.callbacks import RichProgressBar
 
         return RichProgressBar(leave=True)

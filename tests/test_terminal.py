@@ -16,10 +16,14 @@ from tests.conftest import ROOT, results, run_train, run_train_subprocess, write
 
 
 def test_output_to_a_file_gets_whole_progress_lines(tmp_path: Path, tiny_bert: Path) -> None:
-    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, trainer={"max_epochs": 2, "enable_progress_bar": True})
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, trainer={"max_epochs": 2, "enable_progress_bar": True,
+                                                                       "enable_model_summary": True})
     proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stdout  # no carriage-return-joined bar in a log file
+    # the model summary as plain text (Lightning's default would be Rich's table, box characters in the file too)
+    output = proc.stdout + proc.stderr
+    assert re.search(r"^\s*\|\s*Name\s*\|\s*Type", output, re.M) and "┃ Name" not in output, output[:3000]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("epoch ")]
     assert any(re.match(r"epoch 2/2  batch 16/16 \(100%\)  [\d.]+ batches/s  train/loss=", x) for x in lines), lines
     assert sum(x.startswith("validation: val/") for x in proc.stdout.splitlines()) == 2  # once per epoch
@@ -72,3 +76,11 @@ def test_early_stopping_with_an_unknown_option_is_one_line(tmp_path: Path, tiny_
                                  "--early_stopping", "{patiance: 2}"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert re.search(r"error: early_stopping: .*patiance", proc.stderr.strip().splitlines()[-1])
+
+
+def test_training_without_validation_data_says_nothing_about_it(tmp_path: Path, tiny_bert: Path) -> None:
+    """No validation set (SemEval-2010 Task 8 has none): no loader on purpose, and no Lightning warning about it."""
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, data={"validation_file": None})
+    proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "across ranks is zero" not in proc.stdout + proc.stderr
