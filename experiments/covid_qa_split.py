@@ -1,4 +1,4 @@
-"""Split COVID-QA by article for the domain-adaptive pretraining measurement (README, "Language-model pretraining").
+"""Split COVID-QA by article for the domain-adaptive pretraining measurement (README, "Domain-adaptive pretraining (masked / causal language modelling)").
 
     python -m experiments.covid_qa_split [--source FILE] [--out DIR] [--every 5]
 
