@@ -21,13 +21,12 @@ from torchmetrics import Metric, MetricCollection
 from lit_modules.base import TransformerModule
 from lit_modules.errors import ConfigError, first_line
 from lit_modules.schema import IGNORE_INDEX, DataSchema
-from lit_modules.seq2seq import left_padded_prompts
+from lit_modules.seq2seq import generation_settings, left_padded_prompts
 from lit_modules.seq2seq_metrics import (
     MeanGeneratedLength,
     RougeScore,
     SacreBleuScore,
     SentenceSplitter,
-    check_sentence_splitter,
 )
 
 # Validation epochs that generate nothing leave the reply metrics without updates; they log nothing then (an empty
@@ -160,28 +159,10 @@ class DialogueModule(TransformerModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        checks = (("num_beams", num_beams, 1), ("max_new_tokens", max_new_tokens, 1),
-                  ("min_new_tokens", min_new_tokens, 0), ("no_repeat_ngram_size", no_repeat_ngram_size, 0),
-                  ("generate_val_samples", generate_val_samples or 0, 0))
-        for key, value, low in checks:
-            if value < low:
-                raise ConfigError(f"model.{key}: expected an integer >= {low}, got {value}")
-        if min_new_tokens > max_new_tokens:
-            raise ConfigError(f"model.min_new_tokens: {min_new_tokens} is more than "
-                              f"model.max_new_tokens={max_new_tokens}")
-        check_sentence_splitter(sentence_splitter, "model.sentence_splitter")
-        from transformers import GenerationConfig
-
-        unknown = sorted(set(generation_kwargs or {}) - set(GenerationConfig().to_dict()))
-        if unknown:
-            raise ConfigError(f"model.generation_kwargs: {', '.join(unknown)} is not a GenerationConfig field")
-        self.generation_settings = {
-            "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens or None,
-            "no_repeat_ngram_size": no_repeat_ngram_size or None,
-            "length_penalty": length_penalty if num_beams > 1 else None,  # a beam-only setting
-            "do_sample": False,  # said explicitly: pipelines would otherwise sample when the model's config says so
-            **(generation_kwargs or {}),
-        }
+        if (generate_val_samples or 0) < 0:
+            raise ConfigError(f"model.generate_val_samples: expected an integer >= 0, got {generate_val_samples}")
+        self.generation_settings = generation_settings(num_beams, max_new_tokens, min_new_tokens, length_penalty,
+                                                       no_repeat_ngram_size, generation_kwargs, sentence_splitter)
         self.generate_val_samples = generate_val_samples
         self.rouge_use_stemmer, self.sentence_splitter = rouge_use_stemmer, sentence_splitter
         self.bleu_tokenize = bleu_tokenize

@@ -64,6 +64,33 @@ def left_padded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, l
     return ids, mask
 
 
+
+def generation_settings(num_beams: int, max_new_tokens: int, min_new_tokens: int, length_penalty: float,
+                        no_repeat_ngram_size: int, generation_kwargs: Optional[dict[str, Any]],
+                        sentence_splitter: str) -> dict[str, Any]:
+    """The ``generate`` settings of every generating task (seq2seq, dialogue), checked in one line each."""
+    for key, value, low in (("num_beams", num_beams, 1), ("max_new_tokens", max_new_tokens, 1),
+                            ("min_new_tokens", min_new_tokens, 0), ("no_repeat_ngram_size", no_repeat_ngram_size, 0)):
+        if value < low:
+            raise ConfigError(f"model.{key}: expected an integer >= {low}, got {value}")
+    if min_new_tokens > max_new_tokens:
+        raise ConfigError(f"model.min_new_tokens: {min_new_tokens} is more than model.max_new_tokens={max_new_tokens}")
+    check_sentence_splitter(sentence_splitter, "model.sentence_splitter")
+    from transformers import GenerationConfig
+
+    unknown = sorted(set(generation_kwargs or {}) - set(GenerationConfig().to_dict()))
+    if unknown:
+        raise ConfigError(f"model.generation_kwargs: {', '.join(unknown)} is not a GenerationConfig field")
+    return {
+        "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens or None,
+        "no_repeat_ngram_size": no_repeat_ngram_size or None,
+        # beam-only setting: transformers warns when it is set for greedy search
+        "length_penalty": length_penalty if num_beams > 1 else None,
+        # said explicitly, so that pipelines (whose default is sampling) decode as evaluation did
+        "do_sample": False,
+        **(generation_kwargs or {}),
+    }
+
 class Seq2SeqModule(TransformerModule):
     """Summarization / translation fine-tuning with generation-based evaluation.
 
@@ -111,29 +138,12 @@ class Seq2SeqModule(TransformerModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for key, value, low in (("num_beams", num_beams, 1), ("max_new_tokens", max_new_tokens, 1),
-                                ("min_new_tokens", min_new_tokens, 0), ("no_repeat_ngram_size", no_repeat_ngram_size, 0),
-                                ("generate_every_n_epochs", generate_every_n_epochs, 1),
-                                ("generate_val_samples", generate_val_samples or 1, 1)):
-            if value < low:
-                raise ConfigError(f"model.{key}: expected an integer >= {low}, got {value}")
-        if min_new_tokens > max_new_tokens:
-            raise ConfigError(f"model.min_new_tokens: {min_new_tokens} is more than model.max_new_tokens={max_new_tokens}")
-        check_sentence_splitter(sentence_splitter, "model.sentence_splitter")
-        from transformers import GenerationConfig
-
-        unknown = sorted(set(generation_kwargs or {}) - set(GenerationConfig().to_dict()))
-        if unknown:
-            raise ConfigError(f"model.generation_kwargs: {', '.join(unknown)} is not a GenerationConfig field")
-        self.generation_settings = {
-            "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens or None,
-            "no_repeat_ngram_size": no_repeat_ngram_size or None,
-            # beam-only setting: transformers warns when it is set for greedy search
-            "length_penalty": length_penalty if num_beams > 1 else None,
-            # said explicitly, so that pipelines (whose default is sampling) decode as evaluation did
-            "do_sample": False,
-            **(generation_kwargs or {}),
-        }
+        if generate_every_n_epochs < 1:
+            raise ConfigError(f"model.generate_every_n_epochs: expected an integer >= 1, got {generate_every_n_epochs}")
+        if generate_val_samples is not None and generate_val_samples < 1:
+            raise ConfigError(f"model.generate_val_samples: expected an integer >= 1, got {generate_val_samples}")
+        self.generation_settings = generation_settings(num_beams, max_new_tokens, min_new_tokens, length_penalty,
+                                                       no_repeat_ngram_size, generation_kwargs, sentence_splitter)
         self.generate_every_n_epochs = generate_every_n_epochs
         self.generate_val_samples = generate_val_samples
         self.rouge_use_stemmer, self.sentence_splitter, self.bleu_tokenize = rouge_use_stemmer, sentence_splitter, bleu_tokenize
