@@ -164,6 +164,36 @@ def run_train_subprocess(args: list[str], env: dict[str, str] | None = None, tim
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_train_in_terminal(args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
+    """Run train.py with a pseudo-terminal as stdin / stdout / stderr (what a user at a terminal has); returns the
+    exit code and everything it showed. Fails the test if train.py is still running after ``timeout`` seconds."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, cwd=ROOT)
+    os.close(slave)
+    output, deadline = b"", time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                output += os.read(master, 65536)
+            except OSError:  # the terminal closed: train.py exited
+                break
+    try:
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"train.py still running after {timeout:.0f} s with a terminal attached:\n"
+                             f"{output[-2000:].decode(errors='replace')}") from None
+    finally:
+        os.close(master)
+    return proc.returncode, output.decode(errors="replace")
+
+
 def results(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "results.json").read_text())
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
-import pty
 import re
-import select
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from tests.conftest import ROOT, results, run_train, run_train_subprocess, write_experiment
+from tests.conftest import ROOT, results, run_train, run_train_in_terminal, run_train_subprocess, write_experiment
 
 
 def test_output_to_a_file_gets_whole_progress_lines(tmp_path: Path, tiny_bert: Path) -> None:
@@ -35,23 +30,9 @@ def test_a_terminal_gets_richs_progress_bar_and_model_summary(tmp_path: Path, ti
                                     "enable_model_summary": True})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TUNEFORGE_RUN_DIR"))}
     env["TERM"] = "xterm-256color"
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(exp), "--output_dir",
-                             str(tmp_path / "runs"), "--export", "false", "--test_after_fit", "false"],
-                            stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT)
-    os.close(slave)
-    output, deadline = b"", time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 1.0)
-        if ready:
-            try:
-                output += os.read(master, 65536)
-            except OSError:
-                break
-    proc.wait(timeout=60)
-    os.close(master)
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-3000:]
+    code, text = run_train_in_terminal(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
+                                        "--export", "false", "--test_after_fit", "false"], env)
+    assert code == 0, text[-3000:]
     assert "━" in text  # Rich's bar (and its summary table's rules)
     assert not re.search(r"^epoch \d+/", text, re.M)  # not the plain lines
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import pty
-import select
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from experiments.wandb_offline import read_run
-from tests.conftest import ROOT, results, run_train_subprocess, write_experiment
+from tests.conftest import results, run_train_in_terminal, run_train_subprocess, write_experiment
 
 
 def _no_credentials_env(tmp_path: Path) -> dict[str, str]:
@@ -51,29 +46,9 @@ def test_no_prompt_with_a_terminal_attached(tiny_bert: Path, tmp_path: Path) -> 
                            trainer={"max_steps": 2, "limit_val_batches": 1})
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(_no_credentials_env(tmp_path))
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(exp), "--output_dir",
-                             str(tmp_path / "runs"), "--export", "false", "--test_after_fit", "false"],
-                            stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT)
-    os.close(slave)
-    output = b""
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 1.0)
-        if ready:
-            try:
-                output += os.read(master, 65536)
-            except OSError:
-                break
-    try:  # the terminal closes when train.py exits; give it the rest of the time budget to do so
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"train.py still running after 300 s with a terminal attached:\n{output[-2000:].decode(errors='replace')}") from None
-    finally:
-        os.close(master)
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-3000:]
+    code, text = run_train_in_terminal(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
+                                        "--export", "false", "--test_after_fit", "false"], env)
+    assert code == 0, text[-3000:]
     assert "Enter your choice" not in text and "Create a W&B account" not in text  # wandb's login prompt
     assert "W&B: offline (no W&B API key found" in text
     assert list((tmp_path / "runs").rglob("run-*.wandb"))
