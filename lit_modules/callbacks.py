@@ -325,6 +325,16 @@ class Preemption(Callback):
             ckpt.last_model_path = str(path)
         raise Stopped(self.received, path, trainer.global_step)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Training reached its end: a ``last.ckpt`` left by an earlier interruption now holds the final state, so
+        that ``--ckpt_path last`` never goes back to the step the run was once stopped at."""
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or not ckpt.dirpath or getattr(ckpt, "save_last", False):
+            return  # no checkpoints, or ModelCheckpoint keeps last.ckpt itself
+        path = Path(ckpt.dirpath) / "last.ckpt"
+        if trainer.strategy.broadcast(path.is_file()):
+            trainer.save_checkpoint(path)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             if handler is not None:
