@@ -146,8 +146,13 @@ def load_export(folder: str | Path, task: str | None = None, attn_implementation
             if not base:
                 raise ConfigError(f"--model: {path / 'adapter_config.json'} names no base_model_name_or_path")
             if (path / "config.json").is_file():
-                # an adapter folder with the model config keeps the label names
-                kwargs["config"] = AutoConfig.from_pretrained(path, attn_implementation=attn_implementation)
+                # tuneforge's adapter folders hold the base model's config: its label names go to the base model
+                # (AutoPeftModel's own `config` argument is the adapter's PeftConfig)
+                saved = AutoConfig.from_pretrained(path)
+                if found != "qa":
+                    kwargs.update(id2label=saved.id2label, label2id=saved.label2id)
+                    if getattr(saved, "problem_type", None):
+                        kwargs["problem_type"] = saved.problem_type
             elif found != "qa":
                 n = _adapter_num_labels(path, list(adapter.get("modules_to_save") or []))
                 if n is not None:

@@ -810,6 +810,10 @@ def _save_folder(model: Any, tokenizer: Any, out: Path, files: Optional[dict[str
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)
+        if hasattr(model, "get_base_model") and not (folder / "config.json").is_file():
+            # a PEFT adapter folder: peft writes only the adapter, so the base model's config (label names,
+            # problem type, task parameters) goes beside it; AutoConfig and experiments.explain read it there
+            model.get_base_model().config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         for name, text in (files or {}).items():
             (folder / name).write_text(text, encoding="utf-8")

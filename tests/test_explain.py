@@ -233,7 +233,8 @@ def test_qa_explains_start_and_end_over_windows(tagger_and_reader: tuple[Path, P
 
 
 def test_peft_adapter_export(tmp_path: Path) -> None:
-    """A LoRA adapter folder as tuneforge exports it (adapter + tokenizer, no config.json), three classes."""
+    """A LoRA adapter folder as peft alone writes it (adapter + tokenizer, no config.json: the label names are unknown),
+    three classes."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -70,6 +70,26 @@ def test_lora_export_adapter_and_merged(peft_runs: dict[str, Path]) -> None:
     assert out[0]["label"] in ("negative", "positive")
 
 
+def test_lora_export_keeps_label_names(peft_runs: dict[str, Path], tmp_path: Path) -> None:
+    """The adapter folder holds the base model's config (peft writes only the adapter), so the label names survive:
+    AutoConfig reads them and experiments.explain predicts names, not LABEL_k."""
+    from transformers import AutoConfig
+
+    from experiments import explain
+
+    export = Path(results(peft_runs["lora"])["export"])
+    config = AutoConfig.from_pretrained(export)
+    assert config.id2label == {0: "negative", 1: "positive"}
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a wonderful film", "label": "positive"}\n{"text": "rude staff", "label": "negative"}\n')
+    assert explain.main(["--model", str(export), "--input", str(data), "--output", str(tmp_path / "out"),
+                         "--n_steps", "8", "--no_progress"]) == 0
+    rows = [yaml.safe_load(line) for line in (tmp_path / "out" / "explanations.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in rows] == ["positive", "negative"]
+    assert {r["prediction"] for r in rows} <= {"negative", "positive"}
+    assert set(rows[0]["probabilities"]) == {"negative", "positive"}
+
+
 def test_adalora_ranks_shrink(tiny_bert: Path, tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
 
