@@ -185,13 +185,13 @@ def test_a_second_ctrl_c_stops_at_once(tiny_bert: Path) -> None:
 
 NOISE = ("litlogger", "wandb.require('service')", "anonymous setting", "git root", "LeafSpec", "LOAD REPORT",
          "newly initialized", "Tracking run with wandb", "Run history", "Run summary", "Loading `train_dataloader`",
-         "wandb sync", "Loading weights")
+         "wandb sync", "Loading weights", "Trainer already configured")
 
 
 def test_quickstart_like_run_prints_no_third_party_noise_and_ends_with_the_summary(tmp_path: Path,
                                                                                    tiny_bert: Path) -> None:
     exp = write_experiment(tmp_path / "quick.yaml", tiny_bert, logger="wandb",
-                           trainer={"max_epochs": 1, "enable_progress_bar": True})
+                           trainer={"max_epochs": 1, "enable_progress_bar": True, "enable_model_summary": True})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "LOCAL_RANK", "TUNEFORGE_RUN_DIR"))}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(exp), "--output_dir", "runs"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

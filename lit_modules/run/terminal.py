@@ -21,6 +21,8 @@ LIGHTNING_NOTES = (
     re.compile(r"^Loading `(train|val|test|predict)_dataloader` to estimate number of stepping batches"),
     re.compile(r"^TPU available: "),
     re.compile(r"^HPU available: "),
+    # train.py adds the model summary itself (plain text when output is not a terminal)
+    re.compile(r"^Trainer already configured with model summary callbacks"),
 )
 WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch._pytree, triggered inside Lightning
