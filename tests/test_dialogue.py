@@ -229,6 +229,13 @@ def test_the_experiment_pins_smollm2s_own_template(smol_tokenizer: Any) -> None:
         assert render(pinned, messages, prompt) == render(smol_tokenizer, messages, prompt)
 
 
+def test_the_experiments_system_prompt_is_read_whole() -> None:
+    """The prompt names #Person2#: unquoted, YAML cut it at " #" (a comment) and the model was told "You are"."""
+    cfg = yaml.safe_load((ROOT / "experiments" / "smollm2" / "dialogsum_reply.yaml").read_text())
+    assert cfg["data"]["init_args"]["system_prompt"] == ("You are #Person2# in an everyday conversation. Reply to "
+                                                         "#Person1# in one or two short sentences.")
+
+
 def test_split_replies_evaluation_keeps_training_conversations_whole(tokenizer: Any, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"dialogue": "#Person1#: good movie\n#Person2#: good indeed\n#Person1#: bad plot\n#Person2#: bad indeed\n"
