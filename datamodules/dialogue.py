@@ -17,9 +17,11 @@ prompt stays) until it fits; the reply being learned is never cut.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from jinja2 import TemplateError
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -106,6 +108,11 @@ class DialogueDataModule(TransformerDataModule):
         max_seq_length: the most tokens of one rendered conversation; longer ones lose whole turns from their start
             (the system prompt stays), and a conversation whose reply to learn does not fit with the turn before
             it is left out (counted in a warning; predict data stop with an error instead).
+        padding_free: training batches without padding: the conversations of a batch are concatenated into one
+            row, ``position_ids`` restart at 0 for each and there is no attention mask, from which transformers
+            builds a block-diagonal causal mask (SDPA, eager and flash attention), so no conversation sees
+            another and the loss is the padded batch's (a test checks). Evaluation batches stay padded rows
+            (generation needs them).
         **kwargs: the shared options of :class:`~datamodules.base.TransformerDataModule` (``max_train_samples``
             and ``max_eval_samples`` count conversations as read, before ``split_replies``).
     """
@@ -124,6 +131,7 @@ class DialogueDataModule(TransformerDataModule):
         split_replies: SplitReplies = "never",
         assistant_speaker: str = "#Person2#",
         max_seq_length: int = 512,
+        padding_free: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(max_seq_length=max_seq_length, **kwargs)
@@ -142,6 +150,7 @@ class DialogueDataModule(TransformerDataModule):
         self.assistant_turns = assistant_turns
         self.split_replies = split_replies
         self.assistant_speaker = assistant_speaker
+        self.padding_free = padding_free
         self.reply_starts: dict[str, np.ndarray] = {}
         self._source = "data"  # the file being encoded (for error messages from encode)
 
@@ -403,3 +412,32 @@ class DialogueDataModule(TransformerDataModule):
 
     def extra_batch_columns(self, split: str) -> dict[str, np.ndarray]:
         return {"reply_start": self.reply_starts[split]}
+
+    def make_collator(self, split: str, pad: dict[str, int]) -> Callable[[Any], dict[str, torch.Tensor]]:
+        if split == "train" and self.padding_free:
+            return PaddingFreeCollator()
+        return super().make_collator(split, pad)
+
+
+class PaddingFreeCollator:
+    """One row per batch: the examples' tokens end to end, ``position_ids`` restarting at 0 for each, no attention
+    mask (transformers' packed-sequence masking keeps each example to itself) and the first label of every example
+    ignored, so no example is trained to predict the next one's first token. Other columns stay one value per
+    example."""
+
+    def __call__(self, batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if isinstance(batch, list):
+            batch = batch[0]
+        ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+        labels = [np.asarray(x, dtype=np.int64).copy() for x in batch["labels"]]
+        for row in labels:
+            row[0] = IGNORE_INDEX
+        out = {
+            "input_ids": torch.from_numpy(np.concatenate(ids))[None],
+            "labels": torch.from_numpy(np.concatenate(labels))[None],
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(len(x)) for x in ids]))[None],
+        }
+        for name, rows in batch.items():
+            if name not in out:
+                out[name] = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else torch.tensor(rows)
+        return out

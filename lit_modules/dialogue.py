@@ -207,10 +207,14 @@ class DialogueModule(TransformerModule):
             setattr(gen, key, value)
         return model
 
-    def forward(self, **inputs: torch.Tensor) -> Any:
+    def forward(self, **inputs: Any) -> Any:
         if "attention_mask" in inputs:
             # positions count real tokens only, so left-padded rows train like unpadded ones
             inputs.setdefault("position_ids", (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0))
+        elif "position_ids" in inputs:
+            # a padding-free row (data.padding_free): transformers masks packed sequences apart only without a KV
+            # cache, and models make one whenever use_cache is on (their default, in training too)
+            inputs["use_cache"] = False
         return self.model(**inputs)
 
     def build_metrics(self) -> MetricCollection:

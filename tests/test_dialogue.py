@@ -502,3 +502,52 @@ def test_smollm2_learns_dialogsum_replies(tmp_path: Path) -> None:
     tuned = results(next((out / "tuned").iterdir()))
     assert tuned["val/loss"] < untuned["val/loss"] - 0.1, (untuned, tuned)
     assert untuned["val/perplexity"] == pytest.approx(math.exp(untuned["val/loss"]), rel=1e-4)
+
+
+def test_padding_free_batches_train_as_padded_ones(tiny_llama: Path, tmp_path: Path, words: list[str]) -> None:
+    """data.padding_free: one row per batch, no padding; the loss and every gradient equal the padded batch's (the
+    block-diagonal mask keeps each conversation to itself), and a fit with it learns like one without."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lit_modules.dialogue import DialogueModule
+
+    path = write_jsonl(tmp_path / "t.jsonl", make_conversations(24, 3, words))
+    seed_everything(0, verbose=False)
+    model = DialogueModule(model_name_or_path=str(tiny_llama), chat_template=TEMPLATE)
+    dm = DialogueDataModule(train_file=str(path), batch_size=6, padding_free=True, cache_dir=str(tmp_path / "cache"))
+    connect(model, dm)
+    dm.setup("fit")
+    model.configure_model()
+    model.eval()  # no dropout: the two forward passes must see the same function
+    loader = dm.train_dataloader()
+    packed = next(iter(loader))
+    lengths = [len(dm.datasets["train"][int(i)]["input_ids"]) for i in packed["idx"]]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    rows = {"input_ids": [dm.datasets["train"][int(i)]["input_ids"] for i in packed["idx"]],
+            "labels": [dm.datasets["train"][int(i)]["labels"] for i in packed["idx"]]}
+    padded = dm.make_collator("validation", {"input_ids": dm.tokenizer.pad_token_id, "labels": IGNORE_INDEX})(rows)
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padded batch has padding to skip
+
+    def loss_and_grads(batch: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(**model.model_inputs(batch)).loss
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_packed, grads_packed = loss_and_grads(packed)
+    loss_padded, grads_padded = loss_and_grads(padded)
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-6)
+    assert len(grads_packed) == len(grads_padded)
+    for a, b in zip(grads_packed, grads_padded):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # without the mask (one long sequence, every token seeing the conversations before it) the outputs differ
+    joined = {k: v for k, v in packed.items() if k != "position_ids"}
+    with torch.no_grad():
+        separate = model(**model.model_inputs(packed)).logits
+        assert (model(**model.model_inputs(joined)).logits - separate).abs().max() > 1e-2
+    # a short fit runs on these batches
+    trainer = Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert trainer.global_step == 3
