@@ -611,7 +611,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
+    with quiet_transformers():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         written = build_variants(args)
     except (ConfigError, DataError) as e:

@@ -208,7 +208,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
+    with quiet_transformers():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         result = benchmark(args)
     except (ConfigError, DataError) as e:

@@ -30,12 +30,13 @@ Works on plain exports and on PEFT adapter exports (``adapter_config.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -690,17 +691,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def quiet_transformers() -> None:
-    """No per-file loading bars or load reports on the terminal: errors stay one line, progress is ours."""
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-file loading bars or load reports on the terminal while the block runs: errors stay one line, progress
+    is ours. transformers' verbosity and progress bars are put back afterwards (the tools also run in-process)."""
     from transformers.utils import logging as hf_logging
 
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_transformers()
+    with quiet_transformers():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         summary = run(args)
     except (ConfigError, DataError) as e:
