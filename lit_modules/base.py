@@ -110,9 +110,10 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
     a name that cannot be a hub id, a hub id that is neither cached nor reachable (found out at once, without the
     hub client's retries), or a folder / hub model that cannot be loaded."""
     path = resolve_model_path(name_or_path, key)
+    kwargs = _gguf_dense(loader, kwargs)
     if Path(path).expanduser().exists():
         try:
-            return loader.from_pretrained(str(Path(path).expanduser()), **kwargs)
+            return _dense(loader.from_pretrained(str(Path(path).expanduser()), **kwargs))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key}: cannot load '{name_or_path}' as a local folder: {first_line(e)}") from None
     if _looks_local(path):
@@ -127,7 +128,7 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
     if not offline and not hub_reachable():
         kwargs = {**kwargs, "local_files_only": True}  # only a cached copy can work; say so at once if there is none
     try:
-        return loader.from_pretrained(path, **kwargs)
+        return _dense(loader.from_pretrained(path, **kwargs))
     except (OSError, ValueError) as e:
         if kwargs.get("local_files_only") or offline:
             why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
@@ -135,6 +136,37 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
                               f"the Hugging Face cache, and {why} (check the name, or download it where the hub is "
                               "reachable)") from None
         raise ConfigError(f"{key}: cannot load '{name_or_path}' from the Hugging Face hub: {first_line(e)}") from None
+
+
+def _loads_a_model(loader: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return getattr(loader, "__name__", "").startswith("AutoModel") or (
+        isinstance(loader, type) and issubclass(loader, PreTrainedModel))
+
+
+def _gguf_dense(loader: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A model from a GGUF file is unpacked into plain dense weights (``GgufConfig(dequantize=True)``): fine-tuning
+    trains them, and an export saves them. Left to itself, transformers keeps the weights packed where a GGUF matmul
+    kernel is installed (untrainable); a ``quantization_config`` given in ``model_kwargs`` is kept as it is."""
+    if "gguf_file" not in kwargs or "quantization_config" in kwargs or not _loads_a_model(loader):
+        return kwargs
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers 5 releases always unpack GGUF weights
+        return kwargs
+    return {**kwargs, "quantization_config": GgufConfig(gguf_file=kwargs["gguf_file"], dequantize=True)}
+
+
+def _dense(model: Any) -> Any:
+    """Weights unpacked from a GGUF file are ordinary tensors, but transformers leaves its GGUF quantizer on the model,
+    which then refuses ``save_pretrained`` ("quantized with gguf and is not serializable"): drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    method = getattr(config, "quant_method", None)
+    if getattr(method, "value", method) == "gguf" and getattr(config, "dequantize", False):
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def check_group_learning_rates(rates: Optional[dict[str, float]]) -> dict[str, float]:

@@ -497,11 +497,22 @@ def test_smollm2_learns_dialogsum_replies(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     untuned = results(next((out / "untuned").iterdir()))["validate"]
     proc = run_train_subprocess(["fit", *common, "--trainer.num_sanity_val_steps", "0", "--test_after_fit", "false",
-                                 "--export", "false", "--run_name", "tuned"], env=env, timeout=1800)
+                                 "--run_name", "tuned"], env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tuned = results(next((out / "tuned").iterdir()))
+    run_dir = next((out / "tuned").iterdir())
+    tuned = results(run_dir)
     assert tuned["val/loss"] < untuned["val/loss"] - 0.1, (untuned, tuned)
     assert untuned["val/perplexity"] == pytest.approx(math.exp(untuned["val/loss"]), rel=1e-4)
+    # the model came from a GGUF file: the export is a plain dense folder (transformers' GGUF quantizer, left on
+    # the model, once made save_pretrained refuse it), which loads without the file and keeps the chat template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = run_dir / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert "quantization_config" not in config
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    assert sum(p.numel() for p in loaded.parameters()) > 100_000_000
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(export).chat_template
 
 
 def test_padding_free_batches_train_as_padded_ones(tiny_llama: Path, tmp_path: Path, words: list[str]) -> None:
