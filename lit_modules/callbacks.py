@@ -118,6 +118,17 @@ class BestCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+def examples_in(batch: Any) -> int:
+    """How many examples a training batch holds: its rows, or for a padding-free batch (one row of examples end to
+    end, ``position_ids`` restarting at 0 for each, no attention mask) the number of restarts."""
+    if not isinstance(batch, dict) or batch.get("input_ids") is None:
+        return 0
+    positions = batch.get("position_ids")
+    if positions is not None and batch.get("attention_mask") is None:
+        return int((positions == 0).sum())
+    return int(batch["input_ids"].shape[0])
+
+
 class RunMetadata(Callback):
     """Writes the run directory and the W&B run id into every checkpoint, so a resumed run continues both,
     and measures training throughput: examples per second of training time (validation excluded, all
@@ -149,8 +160,7 @@ class RunMetadata(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        ids = batch.get("input_ids") if isinstance(batch, dict) else None
-        self._epoch_samples += int(ids.shape[0]) if ids is not None else 0
+        self._epoch_samples += examples_in(batch)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._val_start = self._now(trainer)

@@ -539,6 +539,10 @@ def test_padding_free_batches_train_as_padded_ones(tiny_llama: Path, tmp_path: P
             "labels": [dm.datasets["train"][int(i)]["labels"] for i in packed["idx"]]}
     padded = dm.make_collator("validation", {"input_ids": dm.tokenizer.pad_token_id, "labels": IGNORE_INDEX})(rows)
     assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padded batch has padding to skip
+    # throughput counts the examples of a packed row, not the row (results.json's train_samples_per_second)
+    from lit_modules.callbacks import examples_in
+
+    assert examples_in(packed) == len(lengths) == examples_in(padded) == 6
 
     def loss_and_grads(batch: dict[str, torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad()
