@@ -566,6 +566,11 @@ class BatchFetcher(torch.utils.data.Dataset):
         return batch
 
 
+def column_tensor(rows: Any) -> torch.Tensor:
+    """One value per example (``idx``, positions, ...) as a tensor, without a copy where it is already an array."""
+    return torch.from_numpy(rows) if isinstance(rows, np.ndarray) else torch.tensor(rows)
+
+
 class Collator:
     """Pads a columnar batch to its longest row (dynamic padding) and builds the attention mask.
 
@@ -590,10 +595,8 @@ class Collator:
                 # each column to its own longest row: seq2seq labels may be longer or shorter than the inputs
                 own = width if name == "input_ids" else self._width(max(len(x) for x in rows))
                 out[name] = torch.from_numpy(self._pad_rows(rows, own, self.pad[name]))
-            elif isinstance(rows, np.ndarray):
-                out[name] = torch.from_numpy(rows)
             else:
-                out[name] = torch.tensor(rows)
+                out[name] = column_tensor(rows)
             if self.left and name in self.position_columns:
                 out[name] = out[name] + torch.from_numpy(width - lengths)
         positions = np.arange(width)[None, :]

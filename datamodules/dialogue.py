@@ -25,7 +25,7 @@ import torch
 from jinja2 import TemplateError
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from datamodules.base import TransformerDataModule
+from datamodules.base import TransformerDataModule, column_tensor
 from lit_modules.errors import DataError, first_line
 from lit_modules.schema import IGNORE_INDEX
 
@@ -110,7 +110,7 @@ class DialogueDataModule(TransformerDataModule):
             it is left out (counted in a warning; predict data stop with an error instead).
         padding_free: training batches without padding: the conversations of a batch are concatenated into one
             row, ``position_ids`` restart at 0 for each and there is no attention mask, from which transformers
-            builds a block-diagonal causal mask (SDPA, eager and flash attention), so no conversation sees
+            builds a block-diagonal causal mask (tested with SDPA), so no conversation sees
             another and the loss is the padded batch's (a test checks). Evaluation batches stay padded rows
             (generation needs them).
         **kwargs: the shared options of :class:`~datamodules.base.TransformerDataModule` (``max_train_samples``
@@ -415,29 +415,26 @@ class DialogueDataModule(TransformerDataModule):
 
     def make_collator(self, split: str, pad: dict[str, int]) -> Callable[[Any], dict[str, torch.Tensor]]:
         if split == "train" and self.padding_free:
-            return PaddingFreeCollator()
+            return collate_padding_free
         return super().make_collator(split, pad)
 
 
-class PaddingFreeCollator:
+def collate_padding_free(batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """One row per batch: the examples' tokens end to end, ``position_ids`` restarting at 0 for each, no attention
     mask (transformers' packed-sequence masking keeps each example to itself) and the first label of every example
-    ignored, so no example is trained to predict the next one's first token. Other columns stay one value per
-    example."""
-
-    def __call__(self, batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if isinstance(batch, list):
-            batch = batch[0]
-        ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
-        labels = [np.asarray(x, dtype=np.int64).copy() for x in batch["labels"]]
-        for row in labels:
-            row[0] = IGNORE_INDEX
-        out = {
-            "input_ids": torch.from_numpy(np.concatenate(ids))[None],
-            "labels": torch.from_numpy(np.concatenate(labels))[None],
-            "position_ids": torch.from_numpy(np.concatenate([np.arange(len(x)) for x in ids]))[None],
-        }
-        for name, rows in batch.items():
-            if name not in out:
-                out[name] = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else torch.tensor(rows)
-        return out
+    ignored, so no example is trained to predict the next one's first token: what transformers'
+    ``DataCollatorWithFlattening`` does to a list of rows, done here to a columnar batch (the data modules' batches)
+    whose other columns stay one value per example."""
+    if isinstance(batch, list):
+        batch = batch[0]
+    lengths = np.fromiter((len(x) for x in batch["input_ids"]), dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    labels = np.concatenate([np.asarray(x, dtype=np.int64) for x in batch["labels"]])
+    labels[starts] = IGNORE_INDEX
+    out = {
+        "input_ids": torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]))[None],
+        "labels": torch.from_numpy(labels)[None],
+        "position_ids": torch.from_numpy(np.arange(lengths.sum()) - np.repeat(starts, lengths))[None],
+    }
+    out.update({name: column_tensor(rows) for name, rows in batch.items() if name not in out})
+    return out

@@ -609,13 +609,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@quiet_transformers()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with quiet_transformers():
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> int:
     try:
         written = build_variants(args)
     except (ConfigError, DataError) as e:

@@ -206,13 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@quiet_transformers()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with quiet_transformers():
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> int:
     try:
         result = benchmark(args)
     except (ConfigError, DataError) as e:

@@ -693,8 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No per-file loading bars or load reports on the terminal while the block runs: errors stay one line, progress
-    is ours. transformers' verbosity and progress bars are put back afterwards (the tools also run in-process)."""
+    """No per-file loading bars or load reports on the terminal while the block (or the decorated ``main``) runs:
+    errors stay one line, progress is ours. transformers' verbosity and progress bars are put back afterwards (the
+    tools also run in-process, from tests and notebooks)."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -708,13 +709,9 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@quiet_transformers()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with quiet_transformers():
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> int:
     try:
         summary = run(args)
     except (ConfigError, DataError) as e:

@@ -285,3 +285,30 @@ def test_default_output_is_beside_the_run(tmp_path: Path) -> None:
     plain = tmp_path / "some_model"
     plain.mkdir()
     assert explain.default_output(plain).parts[:2] == ("runs", "explain")
+
+
+@pytest.mark.parametrize("tool", ["explain", "compress", "compress_benchmark"])
+def test_the_tools_put_transformers_logging_back(tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tools quieten transformers while they run and restore its verbosity and progress bars when they return,
+    error or not: run in-process (tests, notebooks), they once left the load reports off for whatever came next."""
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    module = importlib.import_module(f"experiments.{tool}")
+    data = _write_jsonl(tmp_path / "in.jsonl", [{"text": "the film", "label": "positive"}])
+    args = {"explain": ["--input", str(data)], "compress": ["--output", str(tmp_path / "o"), "--int8"],
+            "compress_benchmark": ["--data", str(data)]}[tool]
+    seen: list[int] = []
+    original = module.parse_args
+
+    def parse_and_look(argv: list[str] | None = None) -> Any:
+        seen.append(hf_logging.get_verbosity())  # inside main: quiet
+        return original(argv)
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    monkeypatch.setattr(module, "parse_args", parse_and_look)
+    assert module.main(["--model", str(tmp_path / "nope"), *args]) == 2
+    assert seen == [hf_logging.ERROR]
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
