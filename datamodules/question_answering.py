@@ -11,7 +11,9 @@ labels, which point at the CLS token when the answer is not inside that window o
 The cached feature table holds one row per window. Per-window columns: ``example_index``, ``id``,
 ``line``, ``input_ids`` (``token_type_ids``), ``offset_start`` / ``offset_end``, ``start_positions`` /
 ``end_positions``, ``cls_index``. The example's ``question``, ``context`` and ``answers`` are stored on
-its first window only (null on the others), so long documents are not copied once per window.
+its first window only (null on the others), so long documents are not copied once per window. Training
+windows keep only what training reads: no offsets, and null question and context (post-processing is for
+evaluation).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class QuestionAnsweringDataModule(TransformerDataModule):
         self.has_unanswerable: dict[str, bool] = {}
         self._qa_features: dict[str, QAFeatures] = {}
         self._encode_source = "input"
+        self._encode_kind = "validation"  # the split kind encode() works on (set with the records it gets)
 
     def cache_key_params(self) -> dict[str, Any]:
         padding_side = getattr(self._get_tokenizer(), "padding_side", "right")
@@ -165,6 +168,7 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             raise DataError(f"question answering needs a fast tokenizer (offset mappings); "
                             f"{type(tokenizer).__name__} is not one")
         self._encode_source = source
+        self._encode_kind = split
         col = self.columns
         with_answers = split != "predict"
         out: dict[str, list] = {"id": [], "question": [], "context": [], "answers": [], "line": []}
@@ -290,18 +294,25 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             ) from None
         context_seq = 1 if question_first else 0
         cls_id = tokenizer.cls_token_id
-        out: dict[str, list] = {k: [] for k in ("example_index", "id", "line", "question", "context", "answers",
-                                                "offset_start", "offset_end", "start_positions", "end_positions",
-                                                "cls_index")}
+        # training windows need only their labels: the offsets, question and context are for post-processing, which
+        # evaluation splits do (keeping them out of the training cache makes SQuAD's tokenisation a third faster)
+        evaluated = self._encode_kind != "train"
+        keys = ("example_index", "id", "line", "answers", "start_positions", "end_positions", "cls_index")
+        out: dict[str, list] = {k: [] for k in keys + (("question", "context", "offset_start", "offset_end")
+                                                       if evaluated else ())}
         previous = -1
         for i, sample in enumerate(enc["overflow_to_sample_mapping"]):
             ids = enc["input_ids"][i]
             seq = enc.sequence_ids(i)
-            starts = [o[0] if s == context_seq else -1 for o, s in zip(enc["offset_mapping"][i], seq)]
-            ends = [o[1] if s == context_seq else -1 for o, s in zip(enc["offset_mapping"][i], seq)]
-            cls = ids.index(cls_id) if cls_id is not None and cls_id in ids else 0
             lo = seq.index(context_seq)
             hi = len(seq) - 1 - seq[::-1].index(context_seq)
+            if evaluated:  # -1 outside the context
+                starts = [o[0] if s == context_seq else -1 for o, s in zip(enc["offset_mapping"][i], seq)]
+                ends = [o[1] if s == context_seq else -1 for o, s in zip(enc["offset_mapping"][i], seq)]
+            else:  # token_span() reads only the context's tokens lo..hi
+                starts = [o[0] for o in enc["offset_mapping"][i]]
+                ends = [o[1] for o in enc["offset_mapping"][i]]
+            cls = ids.index(cls_id) if cls_id is not None and cls_id in ids else 0
             answers = batch["answers"][sample]
             span = None
             if answers["text"]:  # labels follow the first answer, as in the SQuAD recipes
@@ -314,13 +325,17 @@ class QuestionAnsweringDataModule(TransformerDataModule):
             out["example_index"].append(batch["example_index"][sample])
             out["id"].append(batch["id"][sample])
             out["line"].append(batch["line"][sample])
-            for key in ("question", "context", "answers"):
-                out[key].append(batch[key][sample] if first_window else None)
-            out["offset_start"].append(starts)
-            out["offset_end"].append(ends)
+            out["answers"].append(batch["answers"][sample] if first_window else None)
+            if evaluated:
+                for key in ("question", "context"):
+                    out[key].append(batch[key][sample] if first_window else None)
+                out["offset_start"].append(starts)
+                out["offset_end"].append(ends)
             out["start_positions"].append(span[0] if span else cls)
             out["end_positions"].append(span[1] if span else cls)
             out["cls_index"].append(cls)
+        if not evaluated:  # the input's own question / context columns are replaced, as on evaluation windows
+            out["question"] = out["context"] = [None] * len(out["id"])
         out["input_ids"] = enc["input_ids"]
         if "token_type_ids" in enc:
             out["token_type_ids"] = enc["token_type_ids"]

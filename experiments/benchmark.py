@@ -27,7 +27,9 @@ Per task (data from ``--data_dir``, ``../shared/data``):
   qa              SQuAD v1.1, MiniLM.  tuneforge | hf_trainer: the run_qa recipe at its defaults
                   (prepare_train_features / prepare_validation_features padded to max_seq_length,
                   default_data_collator, postprocess_qa_predictions as published in utils_qa.py, rewritten here) |
-                  hf_grouped: the same with dynamic padding (DataCollatorWithPadding) and group_by_length
+                  hf_grouped: the same with dynamic padding (DataCollatorWithPadding) and group_by_length for
+                  training; its evaluation runs in dataset order, because group_by_length also reorders
+                  Trainer.predict's output, which the post-processing would pair with the wrong windows
   seq2seq         AESLC, BERT2BERT warm-started from MiniLM (experiments/minilm/aeslc_bert2bert.yaml: the
                   cross-attention at 20x the learning rate, greedy, 16 new tokens, no_repeat_ngram_size 3).
                   tuneforge | hf_seq2seq: Seq2SeqTrainer + DataCollatorForSeq2Seq, predict_with_generate, same
@@ -1107,10 +1109,18 @@ class Qa(Bench):
             features = examples.map(prepare_validation_features, batched=True, remove_columns=examples.column_names,
                                     fn_kwargs={"tokenizer": tokenizer, **options})
             res.eval_tokenise_s = time.perf_counter() - t
+            # group_by_length also groups evaluation batches (Trainer._get_eval_sampler, transformers PR #33514), and
+            # Trainer.predict returns the windows' logits in that order, which postprocess_qa_predictions pairs with
+            # the wrong windows (it reads them in dataset order). A run_qa user gets scrambled answers that way, so
+            # the windows go through in dataset order, as the un-grouped recipe sends them.
+            strategy_before = trainer.args.train_sampling_strategy
+            trainer.args.train_sampling_strategy = "random"
+            res.extra["eval_order"] = "dataset order (sequential sampler)"
             t = time.perf_counter()
             # as run_qa's QuestionAnsweringTrainer: the windows through the model, then post-processing
             output = trainer.predict(features.remove_columns(["example_id", "offset_mapping"]))
             model_s = time.perf_counter() - t
+            trainer.args.train_sampling_strategy = strategy_before
             t = time.perf_counter()
             answers = postprocess_qa_predictions(examples, features, output.predictions)
             answers_s = time.perf_counter() - t

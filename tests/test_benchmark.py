@@ -105,3 +105,13 @@ def test_evaluation_at_two_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r.split("|")[1].strip() for r in memory_rows] == ["tuneforge", "hf_trainer"]
     for r in memory_rows:
         assert "-" not in r.split("|")[3:5], r
+
+
+def test_grouped_qa_peer_pairs_each_window_with_its_own_logits(capsys: pytest.CaptureFixture[str]) -> None:
+    """group_by_length also reorders Trainer.predict's output; the grouped QA peer evaluates in dataset order, so the
+    same untrained weights score exactly as the un-grouped recipe (in grouped order they pair answers with the wrong
+    windows and score differently)."""
+    out = run(capsys, ["--task", "qa", "--tiny", "--eval_only", "--runners", "hf_trainer,hf_grouped", "--no-isolate"])
+    _, rows = markdown_rows(out, "runner")
+    assert [r[0] for r in rows] == ["hf_trainer", "hf_grouped"]
+    assert rows[0][-1] == rows[1][-1] and "f1" in rows[0][-1]

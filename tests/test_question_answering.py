@@ -828,3 +828,60 @@ def test_minilm_learns_squad_with_command_line_overrides_only(tmp_path: Path) ->
 def test_lora_trains_adapters_and_the_span_head(qa_run: dict[str, Any], tmp_path: Path) -> None:
     fit_with_lora_and_test_again(qa_run["exp"], tmp_path, head="qa_outputs", metric="test/f1",
                                  extra=["--trainer.max_epochs", "1"])
+
+
+def test_tokenising_in_processes_gives_the_same_features_in_one_cache_file(tokenizer: Any, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.num_proc: the windows, offsets and labels tokenised by 2 processes equal the in-process ones, land in one
+    cache file (no shard left behind) that the next launch reads, and an error in a worker is still one DataError."""
+    import datamodules.base as base
+
+    squad = make_squad(v2=True, n_paragraphs=12, min_words=60)
+    dev = write_json(tmp_path / "dev.json", squad)
+    one = make_dm(tokenizer, tmp_path, validation_file=dev, num_proc=1, cache_dir=str(tmp_path / "one"))
+    one.setup("validate")
+    two = make_dm(tokenizer, tmp_path, validation_file=dev, num_proc=2, cache_dir=str(tmp_path / "two"))
+
+    class Attached:  # prepare_data runs with a trainer attached; the workers must not get (pickle) it
+        from types import SimpleNamespace
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        world_size, node_rank, state = 1, 0, SimpleNamespace(fn=TrainerFn.VALIDATING)
+
+        def __reduce__(self) -> Any:
+            raise AssertionError("the trainer was sent to the tokenising processes")
+
+    trainer = Attached()
+    two.trainer = trainer
+    two.prepare_data()
+    assert two.trainer is trainer
+    files = [p for p in (tmp_path / "two").rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".arrow" and not list((tmp_path / "two").rglob(".*"))
+    monkeypatch.setattr(QuestionAnsweringDataModule, "_read_split", lambda self, split: pytest.fail("read again"))
+    two.setup("validate")
+    monkeypatch.undo()
+    a, b = one.datasets["validation"], two.datasets["validation"]
+    assert len(a) > len(squad_questions(squad))  # several windows per question: the sharded rows must stay in order
+    assert a.column_names == b.column_names and a.features == b.features
+    for column in a.column_names:
+        assert a[column] == b[column], column
+
+    # default (null): in-process below PARALLEL_MIN_RECORDS records, one process per usable core from there
+    auto = make_dm(tokenizer, tmp_path, validation_file=dev)
+    monkeypatch.setattr(base.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert auto.tokenising_processes(base.PARALLEL_MIN_RECORDS - 1) == 1
+    assert auto.tokenising_processes(base.PARALLEL_MIN_RECORDS) == 3
+    assert make_dm(tokenizer, tmp_path, validation_file=dev, num_proc=4).tokenising_processes(3) == 3
+    with pytest.raises(DataError, match=r"data\.num_proc: expected a positive integer or null .* got 0"):
+        make_dm(tokenizer, tmp_path, num_proc=0)
+
+    # an error raised in a worker process reaches the caller as the same one-line DataError, and leaves no cache
+    long_question = " ".join(["alpha"] * 60)
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "question": long_question if i == 5 else "what ?", "context": CTX,
+                                        "answers": {"text": [], "answer_start": []}}) + "\n" for i in range(8)))
+    bad = make_dm(tokenizer, tmp_path, validation_file=str(path), num_proc=2, cache_dir=str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"long\.jsonl:6: question of 60 tokens leaves too little room"):
+        bad.prepare_data()
+    assert not [p for p in (tmp_path / "bad").rglob("*") if p.is_file()]
