@@ -463,18 +463,7 @@ class TransformerDataModule(LightningDataModule):
         columns.setdefault("line", lines)  # a task that drops or splits records returns its own line column
         ds = datasets.Dataset.from_dict(columns)
         path.parent.mkdir(parents=True, exist_ok=True)
-        processes = self.tokenising_processes(len(ds))
-        if processes > 1:
-            features = self._encode_in_processes(ds, path, processes, split)
-        else:
-            features = ds.map(
-                self._encode_with_length,
-                batched=True,
-                batch_size=1000,
-                cache_file_name=str(path),  # datasets writes a temporary file and renames it: never half-written
-                load_from_cache_file=False,  # decided above (datasets would otherwise reuse a file overwrite_cache replaces)
-                desc=f"Tokenising {split}",
-            )
+        features = self._tokenise(ds, path, split)
         rank_zero_info(f"Tokenised {len(features)} {split} examples from {self._source_name(split)} -> {path}")
         return features
 
@@ -485,32 +474,39 @@ class TransformerDataModule(LightningDataModule):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return cores if n_records >= PARALLEL_MIN_RECORDS else 1
 
-    def _encode_in_processes(self, ds: Any, path: Path, processes: int, split: str) -> Any:
-        """``datasets.map(num_proc=processes)`` into shard files beside the cache, then one cache file written from
-        them (to a temporary name, renamed when complete: an interrupted run leaves no cache and no shards)."""
+    def _tokenise(self, ds: Any, path: Path, split: str) -> Any:
+        """``datasets.map`` of :meth:`encode` into the cache file ``path``. datasets writes a file under a temporary
+        name and renames it, so a cache is never half-written. With several processes (``data.num_proc``) the shards
+        go to a temporary folder beside the cache and are then written as the one cache file; an interrupted run
+        leaves neither cache nor shards."""
         import shutil
         import tempfile
 
         import datasets
         from datasets.arrow_writer import ArrowWriter
 
-        shards = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
-        partial = shards / "complete.arrow"
+        processes = self.tokenising_processes(len(ds))
+        shards = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent)) if processes > 1 else None
         trainer = self.trainer
         try:
-            # the worker processes get a pickled copy of this data module: without the trainer (and its model)
-            self.trainer = None
-            features = ds.map(self._encode_with_length, batched=True, batch_size=1000, num_proc=processes,
-                              cache_file_name=str(shards / "shard.arrow"), load_from_cache_file=False,
-                              desc=f"Tokenising {split}")
-            with ArrowWriter(path=str(partial), features=features.features) as writer:
-                writer.write_table(features.data.table)  # the shards, memory-mapped, in order
-                writer.finalize()
-            os.replace(partial, path)
+            # worker processes get a pickled copy of this data module: without the trainer (and its model)
+            self.trainer = None if shards else trainer
+            features = ds.map(self._encode_with_length, batched=True, batch_size=1000,
+                              num_proc=processes if shards else None,
+                              cache_file_name=str(shards / "shard.arrow" if shards else path),
+                              # decided by the caller (datasets would otherwise reuse a file overwrite_cache replaces)
+                              load_from_cache_file=False, desc=f"Tokenising {split}")
+            if shards:
+                with ArrowWriter(path=str(shards / "complete.arrow"), features=features.features) as writer:
+                    writer.write_table(features.data.table)  # the shards, memory-mapped, in order
+                    writer.finalize()
+                os.replace(shards / "complete.arrow", path)
+                features = datasets.Dataset.from_file(str(path))
         finally:
             self.trainer = trainer
-            shutil.rmtree(shards, ignore_errors=True)
-        return datasets.Dataset.from_file(str(path))
+            if shards:
+                shutil.rmtree(shards, ignore_errors=True)
+        return features
 
     def _encode_with_length(self, batch: dict[str, list]) -> dict[str, list]:
         out = self.encode(batch)

@@ -1116,11 +1116,13 @@ class Qa(Bench):
             strategy_before = trainer.args.train_sampling_strategy
             trainer.args.train_sampling_strategy = "random"
             res.extra["eval_order"] = "dataset order (sequential sampler)"
-            t = time.perf_counter()
-            # as run_qa's QuestionAnsweringTrainer: the windows through the model, then post-processing
-            output = trainer.predict(features.remove_columns(["example_id", "offset_mapping"]))
-            model_s = time.perf_counter() - t
-            trainer.args.train_sampling_strategy = strategy_before
+            try:
+                t = time.perf_counter()
+                # as run_qa's QuestionAnsweringTrainer: the windows through the model, then post-processing
+                output = trainer.predict(features.remove_columns(["example_id", "offset_mapping"]))
+                model_s = time.perf_counter() - t
+            finally:
+                trainer.args.train_sampling_strategy = strategy_before
             t = time.perf_counter()
             answers = postprocess_qa_predictions(examples, features, output.predictions)
             answers_s = time.perf_counter() - t

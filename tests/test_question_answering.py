@@ -852,10 +852,21 @@ def test_tokenising_in_processes_gives_the_same_features_in_one_cache_file(token
         def __reduce__(self) -> Any:
             raise AssertionError("the trainer was sent to the tokenising processes")
 
+    import datasets
+
+    processes = []
+    real_map = datasets.Dataset.map
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        processes.append(kwargs.get("num_proc"))
+        return real_map(self, *args, **kwargs)
+
     trainer = Attached()
     two.trainer = trainer
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
     two.prepare_data()
-    assert two.trainer is trainer
+    monkeypatch.undo()
+    assert processes == [2] and two.trainer is trainer
     files = [p for p in (tmp_path / "two").rglob("*") if p.is_file()]
     assert len(files) == 1 and files[0].suffix == ".arrow" and not list((tmp_path / "two").rglob(".*"))
     monkeypatch.setattr(QuestionAnsweringDataModule, "_read_split", lambda self, split: pytest.fail("read again"))
@@ -885,3 +896,19 @@ def test_tokenising_in_processes_gives_the_same_features_in_one_cache_file(token
     with pytest.raises(DataError, match=r"long\.jsonl:6: question of 60 tokens leaves too little room"):
         bad.prepare_data()
     assert not [p for p in (tmp_path / "bad").rglob("*") if p.is_file()]
+
+
+def test_training_windows_keep_the_labels_without_the_offsets(tokenizer: Any, tmp_path: Path) -> None:
+    """Training windows leave out what only post-processing reads (offsets, question, context) and carry the same
+    windows and span labels as the same questions tokenised for evaluation."""
+    squad = make_squad(v2=True, n_paragraphs=8, min_words=60)
+    path = write_json(tmp_path / "squad.json", squad)
+    dm = make_dm(tokenizer, tmp_path, train_file=path, validation_file=path)
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["validation"]
+    assert "offset_start" not in train.column_names and "offset_start" in val.column_names
+    assert set(train["question"]) == set(train["context"]) == {None}
+    assert sum(q is not None for q in val["question"]) == len(squad_questions(squad))
+    for column in ("example_index", "id", "input_ids", "start_positions", "end_positions", "cls_index", "answers"):
+        assert train[column] == val[column], column
+    assert any(s != c for s, c in zip(train["start_positions"], train["cls_index"]))  # some answers inside windows
