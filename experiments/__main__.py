@@ -1,5 +1,5 @@
 """`python -m experiments <tool>`: list (the paper baselines), reproduce (run one, or one per seed with --seeds, and
-compare with the published number), compare (runs side by side without the W&B dashboard)."""
+compare with the published number), compare (runs side by side without the W&B dashboard), sweep (a W&B grid sweep file run locally, no W&B server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TOOLS = {"list": "experiments.registry", "reproduce": "experiments.registry", "compare": "experiments.compare"}
+TOOLS = {"list": "experiments.registry", "reproduce": "experiments.registry", "compare": "experiments.compare",
+         "sweep": "experiments.sweep"}
 
 
 def main(argv: list[str] | None = None) -> int:

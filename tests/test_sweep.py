@@ -1,0 +1,149 @@
+"""`python -m experiments sweep FILE`: a W&B grid sweep file run on this machine without a W&B server, through the
+real train.py, with offline W&B runs read back from disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from experiments import sweep as sweeps
+from experiments.wandb_offline import read_run
+from tests.conftest import ROOT, write_experiment
+
+
+def _sweep_file(path: Path, experiment: Path, **changes: Any) -> Path:
+    doc: dict[str, Any] = {
+        "program": "train.py", "method": "grid", "metric": {"name": "val/accuracy", "goal": "maximize"},
+        "parameters": {"model.init_args.learning_rate": {"values": [1.0e-3, 3.0e-2]},
+                       "data.init_args.batch_size": {"value": 16}},
+        "command": ["${env}", "${interpreter}", "${program}", "fit", "--config", str(experiment), "${args}"],
+    }
+    doc.update(changes)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _sample_std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def test_grid_runs_every_point_and_seed_resumes_and_groups_in_wandb(tiny_bert: Path, tmp_path: Path) -> None:
+    """2 grid points with seed 13, then seeds 13,21 with --resume: only the two seed-21 runs are new; every run got
+    its point's values and its seed; the ranked table is the mean / sample std of the runs' own results.json; all
+    four runs, from two invocations, are in one W&B group named after the sweep."""
+    exp = write_experiment(tmp_path / "tiny.yaml", tiny_bert, logger="wandb",
+                           extra={"checkpoint": {"monitor": "val/accuracy", "mode": "max"}})
+    file = _sweep_file(tmp_path / "tiny_grid.yaml", exp)
+    runs, out = tmp_path / "runs", tmp_path / "sweeps"
+    common = ["--out", str(out), "--output_dir", str(runs), "--export", "false", "--data.max_eval_samples", "48"]
+    assert sweeps.main([str(file), "--seeds", "13", *common]) == 0
+    first = {p.parent for p in runs.glob("*/*/results.json")}
+    assert sorted(d.parent.name for d in first) == ["tiny_grid_p0_seed13", "tiny_grid_p1_seed13"]
+    assert sweeps.main([str(file), "--seeds", "13,21", "--resume", *common]) == 0
+    new = {p.parent for p in runs.glob("*/*/results.json")} - first
+    assert sorted(d.parent.name for d in new) == ["tiny_grid_p0_seed21", "tiny_grid_p1_seed21"]
+
+    record_path = next(out.glob("tiny_grid-*.json"))
+    record = json.loads(record_path.read_text())
+    assert sorted(record["runs"]) == ["0/seed13", "0/seed21", "1/seed13", "1/seed21"]
+    by_point: dict[int, list[float]] = {0: [], 1: []}
+    by_point_test: dict[int, list[float]] = {0: [], 1: []}
+    for run in record["runs"].values():
+        run_dir = Path(run["run_dir"])
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["seed_everything"] == run["seed"]
+        assert config["model"]["init_args"]["learning_rate"] == [1.0e-3, 3.0e-2][run["point"]]
+        assert config["data"]["init_args"]["batch_size"] == 16
+        results = json.loads((run_dir / "results.json").read_text())
+        assert run["metric"] == results["val/accuracy"] and run["test"] == results["test"]["test/accuracy"]
+        by_point[run["point"]].append(results["val/accuracy"])
+        by_point_test[run["point"]].append(results["test"]["test/accuracy"])
+        folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+        assert [read_run(f)["group"] for f in folders] == [record["id"]]
+
+    with open(record_path.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    means = {p: sum(v) / 2 for p, v in by_point.items()}
+    assert [int(r["point"]) for r in rows] == sorted(means, key=lambda p: (-means[p], p))  # best first
+    for row in rows:
+        values = by_point[int(row["point"])]
+        assert int(row["n"]) == 2 and float(row["mean"]) == pytest.approx(sum(values) / 2)
+        assert float(row["std"]) == pytest.approx(_sample_std(values))
+        assert float(row["test_mean"]) == pytest.approx(sum(by_point_test[int(row["point"])]) / 2)
+    md = record_path.with_suffix(".md").read_text()
+    assert "| rank | model.init_args.learning_rate | data.init_args.batch_size | val/accuracy | n |" in md
+    assert "test/accuracy" in md and "mean ± sample standard deviation (n - 1)" in md
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"method": "bayes"}, r"tiny_grid.yaml:\d+: method: 'bayes' chooses its points on W&B's server"),
+    ({"parameters": {"model.init_args.learning_rate": {"min": 1e-5, "max": 1e-3}}},
+     r"tiny_grid.yaml:\d+: parameters.model.init_args.learning_rate: a grid takes values"),
+    ({"parameters": {"model.init_args.learning_rate": {"values": []}}},
+     r"parameters.model.init_args.learning_rate.values: expected a non-empty list"),
+    ({"metric": {"name": "val/accuracy", "goal": "best"}}, r"metric.goal: expected maximize or minimize, got 'best'"),
+    ({"program": "run.py"}, r"program: expected train.py"),
+    ({"command": ["${env}", "${interpreter}", "${program}", "fit", "${args_no_hyphens}"]},
+     r"command\[4\]: \$\{args_no_hyphens\}: a local sweep knows"),
+    ({"command": ["${env}", "${interpreter}", "${program}", "--config", "x.yaml", "${args}"]},
+     r"command\[3\]: expected the train.py subcommand"),
+])
+def test_a_sweep_file_that_cannot_run_locally_is_one_line_naming_file_line_and_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], message: str) -> None:
+    file = _sweep_file(tmp_path / "tiny_grid.yaml", tmp_path / "exp.yaml", **changes)
+    assert sweeps.main([str(file), "--out", str(tmp_path / "sweeps")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "sweeps").exists()  # nothing written
+
+
+def test_an_override_of_a_swept_option_or_a_missing_metric_stops(tiny_bert: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    exp = write_experiment(tmp_path / "tiny.yaml", tiny_bert)
+    file = _sweep_file(tmp_path / "tiny_grid.yaml", exp)
+    assert sweeps.main([str(file), "--model.init_args.learning_rate", "0.1"]) == 2
+    assert "--model.init_args.learning_rate: the sweep sets it at every point" in capsys.readouterr().err
+    # the checkpoint monitors val/loss by default, so results.json has no val/f1: the first run says so and stops
+    missing = _sweep_file(tmp_path / "missing.yaml", exp, metric={"name": "val/f1", "goal": "maximize"},
+                          parameters={"model.init_args.learning_rate": {"values": [1e-3, 1e-2]}})
+    out = tmp_path / "sweeps"
+    assert sweeps.main([str(missing), "--out", str(out), "--output_dir", str(tmp_path / "runs"),
+                        "--export", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "metric.name 'val/f1' is not in" in err and "val/loss" in err
+    assert len(list((tmp_path / "runs").glob("*/*/results.json"))) == 1  # it stopped after the first run
+
+
+def test_the_repository_grid_sweeps_expand_to_train_py_commands_that_parse(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every grid file in configs/sweeps/: --dry_run prints one command per point, and train.py accepts each."""
+    import subprocess
+    import sys
+
+    grids = [p for p in sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+             if yaml.safe_load(p.read_text())["method"] == "grid"]
+    assert any(p.name == "minilm_conll2003.yaml" for p in grids)
+    for path in grids:
+        spec = sweeps.load_sweep(path)
+        assert sweeps.main([str(path), "--dry_run"]) == 0
+        commands = capsys.readouterr().out.strip().splitlines()
+        assert len(commands) == len(spec.points()) == math.prod(len(v) for v in spec.parameters.values())
+        args = commands[0].split()[2:]  # python train.py <args>
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--print_config"], cwd=ROOT,
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        config = yaml.safe_load(proc.stdout)
+        first = spec.points()[0]
+        for key, value in first.items():
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, key
