@@ -269,6 +269,18 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
     print(f"Sweep {record['id']}: {len(points)} grid points x {len(seed_list)} seed(s) = {total} runs of train.py "
           f"{sweep.subcommand}; ranked by {sweep.metric} ({sweep.goal}); record {path}; W&B group {record['id']}",
           flush=True)
+    seeds_text = "one run per point (the config's seed)" if seeds is None else \
+        f"seeds {','.join(map(str, seeds))}: mean ± sample standard deviation (n - 1)"
+
+    def tables() -> tuple[list[dict[str, Any]], Path, Path]:
+        """The ranked table of the runs finished so far, rewritten after every run (a partial sweep shows too)."""
+        rows = rank_rows(sweep, record, seed_list)
+        done = sum(_run_key(i, s) in record["runs"] for i in range(len(points)) for s in seed_list)
+        header = (f"# Sweep {record['id']}\n\n`{sweep.path}` run locally (`python -m experiments sweep`), "
+                  f"{sweep.subcommand} with {shlex.join(overrides) or 'no overrides'}; {seeds_text}; ranked by "
+                  f"{sweep.metric} ({sweep.goal}); {done} of {total} runs finished; hardware: {hardware()}.\n\n")
+        return (rows, *write_tables(path.with_suffix(""), sweep, rows, header))
+
     n = 0
     for i, point in enumerate(points):
         for seed in seed_list:
@@ -295,14 +307,9 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
                                    "run_dir": str(run_dir), "wall_time_s": round(time.time() - start, 1),
                                    "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
             _write_json(path, record)  # this run now counts as finished for --resume
+            tables()
             print(f"{sweep.metric} = {value:.4f} at {point_label(point)}", flush=True)
-    rows = rank_rows(sweep, record, seed_list)
-    seeds_text = "one run per point (the config's seed)" if seeds is None else \
-        f"seeds {','.join(map(str, seeds))}: mean ± sample standard deviation (n - 1)"
-    header = (f"# Sweep {record['id']}\n\n`{sweep.path}` run locally (`python -m experiments sweep`), "
-              f"{sweep.subcommand} with {shlex.join(overrides) or 'no overrides'}; {seeds_text}; ranked by "
-              f"{sweep.metric} ({sweep.goal}); hardware: {hardware()}.\n\n")
-    csv_path, md_path = write_tables(path.with_suffix(""), sweep, rows, header)
+    rows, csv_path, md_path = tables()
     print(f"\nSweep {record['id']} over {', '.join(sweep.parameters)}, ranked by {sweep.metric} ({sweep.goal}):")
     for r, row in enumerate(rows, 1):
         spread_text = "" if row["std"] is None else f" ± {row['std']:.4f} (n {row['n']})"

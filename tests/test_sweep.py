@@ -79,6 +79,7 @@ def test_grid_runs_every_point_and_seed_resumes_and_groups_in_wandb(tiny_bert: P
         assert float(row["std"]) == pytest.approx(_sample_std(values))
         assert float(row["test_mean"]) == pytest.approx(sum(by_point_test[int(row["point"])]) / 2)
     md = record_path.with_suffix(".md").read_text()
+    assert "4 of 4 runs finished" in md
     assert "| rank | model.init_args.learning_rate | data.init_args.batch_size | val/accuracy | n |" in md
     assert "test/accuracy" in md and "mean ± sample standard deviation (n - 1)" in md
 
@@ -121,6 +122,25 @@ def test_an_override_of_a_swept_option_or_a_missing_metric_stops(tiny_bert: Path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "metric.name 'val/f1' is not in" in err and "val/loss" in err
     assert len(list((tmp_path / "runs").glob("*/*/results.json"))) == 1  # it stopped after the first run
+
+
+def test_a_failed_run_stops_the_sweep_with_the_finished_runs_in_the_table(tiny_bert: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The second point's batch size is invalid: train.py fails, the sweep exits 2, and its table already ranks the
+    first point (the table is rewritten after every run, so a stopped sweep still shows what finished)."""
+    exp = write_experiment(tmp_path / "tiny.yaml", tiny_bert, extra={"checkpoint": {"monitor": "val/accuracy",
+                                                                                     "mode": "max"}})
+    file = _sweep_file(tmp_path / "tiny_grid.yaml", exp,
+                       parameters={"data.init_args.batch_size": {"values": [16, 0]}})
+    out = tmp_path / "sweeps"
+    assert sweeps.main([str(file), "--out", str(out), "--output_dir", str(tmp_path / "runs"), "--export", "false"]) == 2
+    assert "train.py fit failed with exit code" in capsys.readouterr().err
+    md = next(out.glob("tiny_grid-*.md")).read_text()
+    assert "1 of 2 runs finished" in md
+    with open(next(out.glob("tiny_grid-*.csv")), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["data.init_args.batch_size"], r["n"]) for r in rows] == [("16", "1"), ("0", "0")]
+    assert rows[0]["mean"] and not rows[1]["mean"]
 
 
 def test_the_repository_grid_sweeps_expand_to_train_py_commands_that_parse(capsys: pytest.CaptureFixture[str]) -> None:
