@@ -159,7 +159,8 @@ def _find_record(records: Path, sweep: Sweep, overrides: list[str]) -> tuple[Pat
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and record.get("file") == str(sweep.path) and record.get("overrides") == overrides:
+        if isinstance(record, dict) and record.get("file") == str(sweep.path.resolve()) \
+                and record.get("overrides") == overrides:
             found.append((str(record.get("created", "")), path.name, path, record))
     return max(found)[2:] if found else None
 
@@ -170,7 +171,7 @@ def _new_record(records: Path, sweep: Sweep, overrides: list[str]) -> tuple[Path
     while (records / f"{sid}.json").exists():
         i += 1
         sid = f"{sweep.name}-{stamp}-{i}"
-    record = {"id": sid, "file": str(sweep.path), "overrides": overrides, "metric": sweep.metric, "goal": sweep.goal,
+    record = {"id": sid, "file": str(sweep.path.resolve()), "overrides": overrides, "metric": sweep.metric, "goal": sweep.goal,
               "parameters": sweep.parameters, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": {}}
     return records / f"{sid}.json", record
 

@@ -7,6 +7,10 @@ import csv
 import json
 import math
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ import yaml
 from experiments import sweep as sweeps
 from experiments.wandb_offline import read_run
 from tests.conftest import ROOT, write_experiment
+from tests.test_reproduce_seeds import _train_py_processes, _wait_for
 
 
 def _sweep_file(path: Path, experiment: Path, **changes: Any) -> Path:
@@ -141,6 +146,47 @@ def test_a_failed_run_stops_the_sweep_with_the_finished_runs_in_the_table(tiny_b
         rows = list(csv.DictReader(f))
     assert [(r["data.init_args.batch_size"], r["n"]) for r in rows] == [("16", "1"), ("0", "0")]
     assert rows[0]["mean"] and not rows[1]["mean"]
+
+
+def test_a_killed_sweep_stops_train_py_and_resumes_with_the_unfinished_point(
+        tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kill` (SIGTERM) while the second point trains: train.py stops with the sweep, exit 130 with the --resume
+    command; the first point stays recorded; --resume runs the second point alone."""
+    exp = write_experiment(tmp_path / "tiny.yaml", tiny_bert, extra={"checkpoint": {"monitor": "val/accuracy",
+                                                                                     "mode": "max"}})
+    file = _sweep_file(tmp_path / "tiny_grid.yaml", exp)
+    out = tmp_path / "sweeps"
+    args = [str(file), "--out", str(out), "--output_dir", str(tmp_path / "runs"), "--export", "false"]
+    log, err = tmp_path / "sweep.log", tmp_path / "sweep.err"
+
+    def recorded() -> dict[str, Any]:
+        paths = list(out.glob("*.json"))
+        return json.loads(paths[0].read_text())["runs"] if paths else {}
+
+    with open(log, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "experiments", "sweep", *args], cwd=ROOT, stdout=stdout,
+                                stderr=stderr)
+        try:
+            _wait_for(lambda: "0" in recorded(), proc, log)
+            _wait_for(lambda: "tiny_grid_p1" in log.read_text(), proc, log)
+            time.sleep(3)  # inside the second point's train.py
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 130
+    last = err.read_text().strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; finished runs are recorded, continue with: python -m experiments "
+                           "sweep ") and last.endswith(" --resume"), last
+    assert _train_py_processes(str(tmp_path)) == []
+    assert list(recorded()) == ["0"] and "1 of 2 runs finished" in next(out.glob("*.md")).read_text()
+
+    capsys.readouterr()
+    assert sweeps.main([*args, "--resume"]) == 0
+    launched = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    assert len(launched) == 1 and "--run_name tiny_grid_p1" in launched[0]
+    assert sorted(recorded()) == ["0", "1"] and "2 of 2 runs finished" in next(out.glob("*.md")).read_text()
 
 
 def test_the_repository_grid_sweeps_expand_to_train_py_commands_that_parse(capsys: pytest.CaptureFixture[str]) -> None:
