@@ -139,6 +139,22 @@ def _wait_for(condition: Any, proc: subprocess.Popen, log: Path, timeout: float 
         time.sleep(0.2)
 
 
+def _kill_when(cmd: list[str], log: Path, err: Path, *conditions: Any) -> int:
+    """Start ``cmd`` (output to ``log`` / ``err``), wait for each condition in turn and 3 s more (inside the next
+    train.py), then SIGTERM it; its exit code. It never outlives the test."""
+    with open(log, "w") as out, open(err, "w") as error:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=error)
+        try:
+            for condition in conditions:
+                _wait_for(condition, proc, log)
+            time.sleep(3)
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_a_killed_reproduction_resumes_and_reruns_only_the_interrupted_seed(
         tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`kill` (SIGTERM) of reproduce while seed 6 trains: train.py is stopped with it, the finished seed 5 stays
@@ -155,17 +171,8 @@ def test_a_killed_reproduction_resumes_and_reruns_only_the_interrupted_seed(
         paths = list(records.glob("*.json"))
         return json.loads(paths[0].read_text())["runs"] if paths else {}
 
-    with open(log, "w") as out, open(err, "w") as error:
-        proc = subprocess.Popen([sys.executable, "-m", "experiments", *args], cwd=ROOT, stdout=out, stderr=error)
-        try:
-            _wait_for(lambda: "5" in recorded(), proc, log)
-            _wait_for(lambda: "--seed_everything 6" in log.read_text(), proc, log)
-            time.sleep(3)  # inside seed 6's train.py
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    code = _kill_when([sys.executable, "-m", "experiments", *args], log, err, lambda: "5" in recorded(),
+                      lambda: "--seed_everything 6" in log.read_text())  # inside seed 6's train.py
     assert code == 130
     last = err.read_text().strip().splitlines()[-1]
     assert last.startswith("error: interrupted; finished seeds are recorded, continue with: python -m experiments "

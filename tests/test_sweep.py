@@ -7,10 +7,8 @@ import csv
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import yaml
 from experiments import sweep as sweeps
 from experiments.wandb_offline import read_run
 from tests.conftest import ROOT, write_experiment
-from tests.test_reproduce_seeds import _train_py_processes, _wait_for
+from tests.test_reproduce_seeds import _kill_when, _train_py_processes
 
 
 def _sweep_file(path: Path, experiment: Path, **changes: Any) -> Path:
@@ -163,18 +161,8 @@ def test_a_killed_sweep_stops_train_py_and_resumes_with_the_unfinished_point(
         paths = list(out.glob("*.json"))
         return json.loads(paths[0].read_text())["runs"] if paths else {}
 
-    with open(log, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "experiments", "sweep", *args], cwd=ROOT, stdout=stdout,
-                                stderr=stderr)
-        try:
-            _wait_for(lambda: "0" in recorded(), proc, log)
-            _wait_for(lambda: "tiny_grid_p1" in log.read_text(), proc, log)
-            time.sleep(3)  # inside the second point's train.py
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    code = _kill_when([sys.executable, "-m", "experiments", "sweep", *args], log, err, lambda: "0" in recorded(),
+                      lambda: "tiny_grid_p1" in log.read_text())  # inside the second point's train.py
     assert code == 130
     last = err.read_text().strip().splitlines()[-1]
     assert last.startswith("error: interrupted; finished runs are recorded, continue with: python -m experiments "
@@ -191,7 +179,6 @@ def test_a_killed_sweep_stops_train_py_and_resumes_with_the_unfinished_point(
 
 def test_the_repository_grid_sweeps_expand_to_train_py_commands_that_parse(capsys: pytest.CaptureFixture[str]) -> None:
     """Every grid file in configs/sweeps/: --dry_run prints one command per point, and train.py accepts each."""
-    import subprocess
     import sys
 
     grids = [p for p in sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
