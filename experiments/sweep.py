@@ -33,9 +33,9 @@ from experiments.registry import (
     TRAIN,
     RegistryError,
     _display,
+    _fail,
     _given,
     _interrupt,
-    _line,
     _write_json,
     hardware,
     markdown_table,
@@ -72,14 +72,8 @@ class Sweep:
         return [dict(zip(keys, combo)) for combo in itertools.product(*self.parameters.values())]
 
 
-def _fail(path: Path, keys: list[Any], what: str) -> SweepError:
-    line = _line(path, keys)
-    dotted = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
-    return SweepError(f"{_display(path)}{f':{line}' if line else ''}: {dotted}: {what}")
-
-
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a W&B sweep file for a local grid run; every problem is one SweepError naming file and line."""
+    """Read and check a W&B sweep file for a local grid run; every problem is one error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file (the sweeps are in configs/sweeps/)")
@@ -196,14 +190,14 @@ def rank_rows(sweep: Sweep, record: dict[str, Any], seeds: list[int | None]) -> 
             s = spread(values)
             row.update(mean=s["mean"], std=s["std"], min=s["min"], max=s["max"])
         tested = [r["test"] for r in runs if r.get("test") is not None]
-        row["test_mean"] = spread(tested)["mean"] if tested else None
-        row["test_std"] = spread(tested)["std"] if tested else None
+        on_test = spread(tested) if tested else {"mean": None, "std": None}
+        row.update(test_mean=on_test["mean"], test_std=on_test["std"])
         rows.append(row)
     sign = -1 if sweep.goal == "maximize" else 1
     return sorted(rows, key=lambda r: (r["mean"] is None, 0 if r["mean"] is None else sign * r["mean"], r["point"]))
 
 
-def test_metric(metric: str) -> str | None:
+def counterpart_on_test(metric: str) -> str | None:
     """The test split's counterpart of a validation metric (``val/f1`` -> ``test/f1``), shown beside it."""
     head, sep, tail = metric.partition("/")
     return f"test/{tail}" if sep and head == "val" else None
@@ -217,7 +211,7 @@ def write_tables(stem: Path, sweep: Sweep, rows: list[dict[str, Any]], header: s
     """``<stem>.csv`` (every field) and ``<stem>.md`` (ranked, mean ± std), written whole each time."""
     fields = ["point", *sweep.parameters, "n", "mean", "std", "min", "max", "test_mean", "test_std", "wall_time_s",
               "run_dirs"]
-    tested = test_metric(sweep.metric) if any(r["test_mean"] is not None for r in rows) else None
+    tested = counterpart_on_test(sweep.metric) if any(r["test_mean"] is not None for r in rows) else None
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -253,8 +247,7 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
                 print(shlex.join(["python", str(Path(TRAIN).relative_to(ROOT)), sweep.subcommand,
                                   *_run_args(sweep, point, i, seed, overrides)]))
         return []
-    records = out
-    found = _find_record(records, sweep, overrides) if resume else None
+    found = _find_record(out, sweep, overrides) if resume else None
     if found is not None:
         path, record = found
         if record.get("parameters") != sweep.parameters or record.get("metric") != sweep.metric:
@@ -263,8 +256,8 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
         print(f"Resuming sweep {record['id']} ({path}): {len(record['runs'])} runs finished before", flush=True)
     else:
         if resume:
-            print(f"--resume: no earlier sweep of {sweep.path} with these overrides under {records}; starting one")
-        path, record = _new_record(records, sweep, overrides)
+            print(f"--resume: no earlier sweep of {sweep.path} with these overrides under {out}; starting one")
+        path, record = _new_record(out, sweep, overrides)
         _write_json(path, record)
     total = len(points) * len(seed_list)
     print(f"Sweep {record['id']}: {len(points)} grid points x {len(seed_list)} seed(s) = {total} runs of train.py "
@@ -302,7 +295,7 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
                 raise SweepError(f"{sweep.path}: metric.name {sweep.metric!r} is not in {run_dir / 'results.json'} "
                                  f"(it has {', '.join(reported) or 'no metrics'}); a fit records its checkpoint "
                                  "monitor and its test metrics")
-            counterpart = test_metric(sweep.metric)
+            counterpart = counterpart_on_test(sweep.metric)
             tested = (results.get("test") or {}).get(counterpart) if counterpart else None
             record["runs"][key] = {"point": i, "seed": seed, "params": point, "metric": value, "test": tested,
                                    "run_dir": str(run_dir), "wall_time_s": round(time.time() - start, 1),

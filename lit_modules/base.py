@@ -165,15 +165,11 @@ def _quiet_gguf_unpacking(loader: Any, kwargs: dict[str, Any]) -> Any:
     """One tuneforge line instead of transformers' own tqdm bar ("Converting and de-quantizing GGUF tensors...",
     drawn with ``tqdm.auto`` on every GGUF model load, beside Lightning's bars and out of reach of transformers'
     ``disable_progress_bar``): the module's ``tqdm`` is swapped for a disabled one during the load."""
-    if "gguf_file" not in kwargs or not _loads_a_model(loader):
-        yield
-        return
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_loading
-    except ImportError:
-        yield
-        return
-    bar = getattr(gguf_loading, "tqdm", None)
+    gguf_loading, bar = None, None
+    if "gguf_file" in kwargs and _loads_a_model(loader):
+        with contextlib.suppress(ImportError):
+            from transformers import modeling_gguf_pytorch_utils as gguf_loading
+        bar = getattr(gguf_loading, "tqdm", None)
     if bar is None:
         yield
         return
