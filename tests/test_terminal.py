@@ -29,6 +29,20 @@ def test_output_to_a_file_gets_whole_progress_lines(tmp_path: Path, tiny_bert: P
     assert sum(x.startswith("validation: val/") for x in proc.stdout.splitlines()) == 2  # once per epoch
 
 
+def test_a_bf16_run_prints_its_summary_without_lightnings_size_warning(tmp_path: Path, tiny_bert: Path) -> None:
+    """bf16-mixed keeps float32 weights, so the summary's float32 size is right and Lightning's warning that it
+    may not be is noise on every configs/trainer/cpu_bf16.yaml run."""
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, data={"max_train_samples": 16},
+                           trainer={"max_steps": 1, "limit_val_batches": 1, "enable_model_summary": True,
+                                    "precision": "bf16-mixed"})
+    proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
+                                 "--export", "false", "--test_after_fit", "false"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert re.search(r"Total estimated model params size", output), output[-3000:]
+    assert "not supported by the model summary" not in output
+
+
 def test_a_terminal_gets_richs_progress_bar_and_model_summary(tmp_path: Path, tiny_bert: Path) -> None:
     exp = write_experiment(tmp_path / "tty.yaml", tiny_bert, data={"max_train_samples": 32},
                            trainer={"max_steps": 2, "limit_val_batches": 1, "enable_progress_bar": True,
