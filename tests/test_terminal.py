@@ -21,6 +21,8 @@ def test_output_to_a_file_gets_whole_progress_lines(tmp_path: Path, tiny_bert: P
     proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stdout  # no carriage-return-joined bar in a log file
+    assert re.search(r"Tokenised \d+ train examples", proc.stderr)  # tokenised by datasets.map, without its bar
+    assert "Tokenising train" not in proc.stderr and "\r" not in proc.stderr, proc.stderr[-2000:]
     # the model summary as plain text (Lightning's default would be Rich's table, box characters in the file too)
     output = proc.stdout + proc.stderr
     assert re.search(r"^\s*\|\s*Name\s*\|\s*Type", output, re.M) and "┃ Name" not in output, output[:3000]

@@ -3,7 +3,7 @@
 Each known-harmless message is silenced at its source, by exact text, never by a blanket filter: Lightning's
 litlogger tip and a few routine notes, PyTorch's ``_pytree`` deprecation warning that Lightning triggers, W&B's
 warnings about settings Lightning passes (``wandb.require('service')``, ``anonymous``) and its banner and footer
-(``WANDB_QUIET``), transformers' weight-loading progress bar. Warnings that are a run's own business stay.
+(``WANDB_QUIET``), transformers' weight-loading progress bar, and datasets' tokenising bar when the output is a file. Warnings that are a run's own business stay.
 ``train.py --verbose_output true`` (or ``TUNEFORGE_VERBOSE=1``) brings everything back.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -65,6 +66,15 @@ def configure_terminal(verbose_output: bool) -> None:
         hf_logging.disable_progress_bar()  # "Loading weights: 100%" on every model load
     except ImportError:
         pass
+    if not sys.stderr.isatty():
+        # datasets' "Tokenising train: 40%|..." bar is carriage-return-joined redraws in a log file; the data module's
+        # "Tokenised N train examples from FILE" line follows it anyway
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
 
 
 def quiet_wandb_logger(logger: Any) -> None:
