@@ -490,8 +490,15 @@ def seed_rows(exp: Experiment, metrics_by_seed: dict[int, dict[str, float]]) -> 
     return rows
 
 
-def _fmt(value: float | None, sign: bool = False) -> str:
-    return "-" if value is None else f"{value:+.2f}" if sign else f"{value:.2f}"
+def places(*values: Any) -> int:
+    """Decimals to show a metric with: 4 on a 0-1 scale (accuracy 0.7667 ± 0.0360, where two would hide the
+    spread), 2 on a 0-100 one (F1 81.97 ± 0.13)."""
+    numbers = [abs(float(v)) for v in values if v not in (None, "")]
+    return 4 if numbers and max(numbers) <= 1 else 2
+
+
+def _fmt(value: float | None, sign: bool = False, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def _read_table(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -525,9 +532,10 @@ def write_results_table(stem: Path, rows: list[dict[str, Any]]) -> tuple[Path, P
     for row in table:
         n = int(row["n"]) if row.get("n") else None
         std = float(row["std"]) if row.get("std") else None
-        row["ours"] = "-" if not row["ours"] else f"{float(row['ours']):.2f}" + ("" if std is None else f" ± {std:.2f}")
-        row["published"] = f"{float(row['published']):.2f}" if row["published"] else "-"
-        row["delta"] = f"{float(row['delta']):+.2f}" if row["delta"] else "-"
+        d = places(row["ours"], row["published"], row.get("min"), row.get("max"))
+        row["ours"] = "-" if not row["ours"] else f"{float(row['ours']):.{d}f}" + ("" if std is None else f" ± {std:.{d}f}")
+        row["published"] = f"{float(row['published']):.{d}f}" if row["published"] else "-"
+        row["delta"] = f"{float(row['delta']):+.{d}f}" if row["delta"] else "-"
         if row.get("gap_std"):
             row["gap_std"] = f"{float(row['gap_std']):+.2f}"
         elif n == 1 and row["published"] != "-":
@@ -536,7 +544,7 @@ def write_results_table(stem: Path, rows: list[dict[str, Any]]) -> tuple[Path, P
             row["gap_std"] = "n/a (std 0)"
         else:
             row["gap_std"] = "-"
-        row["min / max"] = f"{float(row['min']):.2f} / {float(row['max']):.2f}" if n and n > 1 else "-"
+        row["min / max"] = f"{float(row['min']):.{d}f} / {float(row['max']):.{d}f}" if n and n > 1 else "-"
         row["n"] = row.get("n") or "1"  # rows from before the n column were single runs
         row["wall_time_s"] = f"{float(row['wall_time_s']):.0f} s" if row["wall_time_s"] else ""
         row["overrides"] = f"`{row['overrides']}`" if row["overrides"] else "(none)"
@@ -633,8 +641,9 @@ def reproduce(exp: Experiment, overrides: list[str], results_table: Path, python
     run_id = wandb_summary(run_dir, res.get("wandb_run"), _summary(exp, overrides, rows))
     print(f"\n{exp.name} ({exp.variant}, {exp.split} split){' with ' + common['overrides'] if overrides else ''}:")
     for row in rows:
-        print(f"  {row['metric']}: ours {_fmt(row['ours'])} vs {_fmt(row['published'])} "
-              f"(delta {_fmt(row['delta'], sign=True)})  [{row['source']}]")
+        d = places(row["ours"], row["published"])
+        print(f"  {row['metric']}: ours {_fmt(row['ours'], digits=d)} vs {_fmt(row['published'], digits=d)} "
+              f"(delta {_fmt(row['delta'], sign=True, digits=d)})  [{row['source']}]")
     print(f"Results table:   {csv_path} and {md_path}")
     _print_wandb(run_id, res, run_dir)
     return rows
@@ -795,9 +804,11 @@ def reproduce_seeds(exp: Experiment, overrides: list[str], seeds: list[int], res
           f"{' with ' + common['overrides'] if overrides else ''}; ± is the sample standard deviation (n - 1):")
     for row in rows:
         gap = "" if row["gap_std"] is None else f" = {row['gap_std']:+.2f} std"
-        print(f"  {row['metric']}: ours {_fmt(row['ours'])} ± {_fmt(row['std'])} (min {_fmt(row['min'])}, "
-              f"max {_fmt(row['max'])}, n {row['n']}) vs {_fmt(row['published'])} "
-              f"(delta {_fmt(row['delta'], sign=True)}{gap})  [{row['source']}]")
+        d = places(row["ours"], row["published"], row["min"], row["max"])
+        print(f"  {row['metric']}: ours {_fmt(row['ours'], digits=d)} ± {_fmt(row['std'], digits=d)} "
+              f"(min {_fmt(row['min'], digits=d)}, max {_fmt(row['max'], digits=d)}, n {row['n']}) vs "
+              f"{_fmt(row['published'], digits=d)} (delta {_fmt(row['delta'], sign=True, digits=d)}{gap})  "
+              f"[{row['source']}]")
     print(f"Results table:   {csv_path} and {md_path}")
     print(f"Reproduction:    {path} (W&B group {group})", flush=True)
     return rows

@@ -96,7 +96,10 @@ def test_seeds_aggregate_resume_and_share_one_wandb_group(tiny_bert: Path, tmp_p
     assert float(rows[3]["std"]) > 0  # the seeds really gave different models
     md = table.with_suffix(".md").read_text()
     mean, std = float(rows[3]["ours"]), float(rows[3]["std"])
-    assert f"| 2 | {mean:.2f} ± {std:.2f} | 0.50 | {mean - 0.5:+.2f} | {(mean - 0.5) / std:+.2f} |" in md
+    # a 0-1 metric gets 4 decimals (2 would hide a spread like 0.7667 ± 0.0360), a percentage 2
+    assert f"| 2 | {mean:.4f} ± {std:.4f} | 0.5000 | {mean - 0.5:+.4f} | {(mean - 0.5) / std:+.2f} |" in md
+    accuracy = float(rows[2]["ours"])
+    assert f"| 2 | {accuracy:.2f} ± {float(rows[2]['std']):.2f} | 60.00 |" in md
     assert "| 1 |" in md and "n/a (1 seed)" in md and "sample standard deviation (n - 1)" in md
 
     # the record lists both seeds; every W&B folder of both runs (the fit and the re-opened summary) is in its group
@@ -268,6 +271,13 @@ def test_spread_and_gap_in_standard_deviations() -> None:
     assert registry.gap_in_std(90.0, 0.0, 90.0) == 0.0  # every seed on the published number
     assert registry.gap_in_std(85.0, 0.0, 90.0) is None  # no spread, and a gap: not a finite number of stds
     assert registry.gap_in_std(85.0, 1.0, None) is None  # nothing published
+
+
+def test_decimals_follow_the_metrics_scale() -> None:
+    assert registry.places(0.7667, "", 0.7225, 0.7959) == 4  # accuracy on 0-1: 0.77 ± 0.04 would hide the spread
+    assert registry.places(81.97, 89.2, 81.82, 82.05) == 2  # F1 in percent
+    assert registry.places(0.9, 91.5) == 2  # one value on 0-100 sets the scale
+    assert registry.places("", None) == 2
 
 
 def test_results_table_from_before_the_seed_columns_is_rewritten_with_them(tmp_path: Path) -> None:
