@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories, W&B offline runs or CSV log folders")
-    p.add_argument("--plots", default="compare_plots", help="folder for the learning-curve PNGs")
+    p.add_argument("--plots", default=None, help="also write a learning-curve PNG per metric into this folder")
     p.add_argument("--csv", default=None, help="also write the table as CSV here")
     p.add_argument("--html", default=None, help="also write a self-contained HTML report (table + overlaid curves) here")
     p.add_argument("--table", default=None, metavar="KEY",
@@ -453,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
-    written = plot(runs, Path(a.plots))
-    print(f"\n{len(written)} plots in {a.plots}/: {', '.join(p.name for p in written)}")
+    if a.plots:
+        written = plot(runs, Path(a.plots))
+        print(f"\n{len(written)} plots in {a.plots}/: {', '.join(p.name for p in written)}")
     if a.html:
         print(f"HTML report: {write_html(runs, Path(a.html))}")
     return 0

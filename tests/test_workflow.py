@@ -123,6 +123,18 @@ def test_compare_table_and_plots(wandb_runs: dict[str, Path], tmp_path: Path) ->
     assert (tmp_path / "t.csv").read_text().count("\n") == 3
 
 
+def test_compare_writes_only_what_it_is_asked_for(wandb_runs: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The table alone is a print: no plot folder appears in the working directory unless --plots names one."""
+    from experiments.compare import main as compare_main
+
+    monkeypatch.chdir(tmp_path)
+    assert compare_main([str(wandb_runs["0.001"]), str(wandb_runs["0.0003"])]) == 0
+    assert "model.learning_rate" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compare_reads_csv_logs(tiny_bert: Path, tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "csv.yaml", tiny_bert, data={"max_train_samples": 64}, trainer={"log_every_n_steps": 1})
     proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"), "--export", "false"])
