@@ -1,5 +1,5 @@
 """`python -m experiments <tool>`: list (the paper baselines), reproduce (run one, or one per seed with --seeds, and
-compare with the published number), compare (runs side by side without the W&B dashboard), sweep (a W&B grid sweep file run locally, no W&B server)."""
+compare with the published number), compare (runs side by side without the W&B dashboard), sweep (a W&B grid or random sweep file run locally, no W&B server)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m experiments sweep FILE`: a W&B grid sweep file run on this machine without a W&B server, through the
+"""`python -m experiments sweep FILE`: a W&B grid or random sweep file run on this machine without a W&B server, through the
 real train.py, with offline W&B runs read back from disk."""
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def test_grid_runs_every_point_and_seed_resumes_and_groups_in_wandb(tiny_bert: P
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"method": "bayes"}, r"tiny_grid.yaml:\d+: method: 'bayes' chooses its points on W&B's server"),
+    ({"method": "bayes"}, r"tiny_grid.yaml:\d+: method: 'bayes' chooses each point from the results so far on "
+                          r"W&B's server: .*or sample its space here with --method random --count N"),
     ({"parameters": {"model.init_args.learning_rate": {"min": 1e-5, "max": 1e-3}}},
      r"tiny_grid.yaml:\d+: parameters.model.init_args.learning_rate: a grid takes values"),
     ({"parameters": {"model.init_args.learning_rate": {"values": []}}},
@@ -99,6 +100,20 @@ def test_grid_runs_every_point_and_seed_resumes_and_groups_in_wandb(tiny_bert: P
      r"command\[4\]: \$\{args_no_hyphens\}: a local sweep knows"),
     ({"command": ["${env}", "${interpreter}", "${program}", "--config", "x.yaml", "${args}"]},
      r"command\[3\]: expected the train.py subcommand"),
+    ({"method": "random", "parameters": {"lr": {"distribution": "loguniform", "min": 1e-5, "max": 1e-3}}},
+     r"parameters.lr.distribution: 'loguniform' is not one of W&B's distributions"),
+    ({"method": "random", "parameters": {"lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-5}}},
+     r"parameters.lr.min: min 0.001 is above max 1e-05"),
+    ({"method": "random", "parameters": {"lr": {"distribution": "log_uniform_values", "min": 0, "max": 1e-3}}},
+     r"parameters.lr.min: log_uniform_values needs 0 < min"),
+    ({"method": "random", "parameters": {"lr": {"distribution": "normal", "mu": 0.0}}},
+     r"parameters.lr: distribution normal needs sigma"),
+    ({"method": "random", "parameters": {"bs": {"values": [16, 32], "probabilities": [0.5, 0.6]}}},
+     r"parameters.bs.probabilities: expected 2 non-negative numbers summing to 1"),
+    ({"method": "random", "parameters": {"bs": {"distribution": "int_uniform", "min": 8, "max": "64"}}},
+     r"parameters.bs.max: expected a number, got '64'"),
+    ({"method": "random"}, r"tiny_grid.yaml: method random draws points until stopped; give --count N"),
+    ({"method": "grid", "run_cap": 0}, r"tiny_grid.yaml:\d+: run_cap: expected a positive whole number"),
 ])
 def test_a_sweep_file_that_cannot_run_locally_is_one_line_naming_file_line_and_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], message: str) -> None:
@@ -175,6 +190,84 @@ def test_a_killed_sweep_stops_train_py_and_resumes_with_the_unfinished_point(
     launched = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
     assert len(launched) == 1 and "--run_name tiny_grid_p1" in launched[0]
     assert sorted(recorded()) == ["0", "1"] and "2 of 2 runs finished" in next(out.glob("*.md")).read_text()
+
+
+RANDOM_SPACE = {
+    "lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-3},
+    "layers": {"min": 2, "max": 5},  # W&B infers int_uniform from whole-number bounds
+    "dropout": {"min": 0.0, "max": 0.5},  # and uniform from float ones
+    "warmup": {"distribution": "q_uniform", "min": 0.0, "max": 0.3, "q": 0.05},
+    "bs": {"values": [16, 64], "probabilities": [0.9, 0.1]},
+    "scale": {"distribution": "inv_log_uniform_values", "min": 0.01, "max": 1.0},
+    "noise": {"distribution": "normal", "mu": 1.0, "sigma": 0.1},
+    "fixed": {"value": "adamw"},
+}
+
+
+def test_random_search_draws_each_distribution_as_wandb_defines_it_and_the_same_points_from_a_seed(
+        tmp_path: Path) -> None:
+    spec = sweeps.load_sweep(_sweep_file(tmp_path / "r.yaml", tmp_path / "exp.yaml", method="random",
+                                         parameters=RANDOM_SPACE))
+    assert spec.parameters["layers"]["distribution"] == "int_uniform"
+    assert spec.parameters["dropout"]["distribution"] == "uniform"
+    assert spec.parameters["bs"]["distribution"] == "categorical"
+    points = spec.draw(400, seed=7)
+    assert points[:10] == spec.draw(10, seed=7) and points[:10] != spec.draw(10, seed=8)
+    lrs = sorted(p["lr"] for p in points)
+    assert 1e-5 <= lrs[0] and lrs[-1] <= 1e-3
+    assert 1e-4 / 2 < lrs[200] < 1e-4 * 2  # log-uniform: the median near the geometric mean, not (min + max) / 2
+    assert {p["layers"] for p in points} == {2, 3, 4, 5} and all(isinstance(p["layers"], int) for p in points)
+    assert all(0.0 <= p["dropout"] <= 0.5 for p in points)
+    assert all(abs(p["warmup"] / 0.05 - round(p["warmup"] / 0.05)) < 1e-9 for p in points)
+    assert 0.8 < sum(p["bs"] == 16 for p in points) / 400 < 0.97
+    scales = sorted(p["scale"] for p in points)
+    assert 0.01 <= scales[0] and scales[-1] <= 1.0 and 0.05 < scales[200] < 0.2
+    assert 0.9 < sum(p["noise"] for p in points) / 400 < 1.1
+    assert {p["fixed"] for p in points} == {"adamw"}
+
+
+def test_random_search_runs_count_points_and_resume_draws_the_same_ones(tiny_bert: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--count 2 with a sample seed runs two drawn learning rates; --resume --count 3 keeps those two (same seed,
+    same first draws) and runs only the third; each run's config has its point's value."""
+    exp = write_experiment(tmp_path / "tiny.yaml", tiny_bert, extra={"checkpoint": {"monitor": "val/accuracy",
+                                                                                     "mode": "max"}})
+    file = _sweep_file(tmp_path / "tiny_random.yaml", exp, method="random",
+                       parameters={"model.init_args.learning_rate": {"distribution": "log_uniform_values",
+                                                                     "min": 1e-4, "max": 1e-2}})
+    out, runs = tmp_path / "sweeps", tmp_path / "runs"
+    common = ["--out", str(out), "--output_dir", str(runs), "--export", "false", "--data.max_eval_samples", "32",
+              "--data.max_train_samples", "32"]
+    assert sweeps.main([str(file), "--count", "2", "--sample_seed", "5", *common]) == 0
+    assert "2 random points (sample seed 5)" in capsys.readouterr().out
+    assert sweeps.main([str(file), "--count", "3", "--resume", *common]) == 0
+    launched = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    assert len(launched) == 1 and "--run_name tiny_random_p2" in launched[0]
+    record = json.loads(next(out.glob("tiny_random-*.json")).read_text())
+    assert record["sample_seed"] == 5 and record["count"] == 3 and sorted(record["runs"]) == ["0", "1", "2"]
+    drawn = sweeps.load_sweep(file).draw(3, 5)
+    assert record["points"] == drawn
+    for run in record["runs"].values():
+        config = yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())
+        assert config["model"]["init_args"]["learning_rate"] == pytest.approx(drawn[run["point"]][
+            "model.init_args.learning_rate"], rel=1e-12)
+    assert "3 of 3 runs finished" in next(out.glob("tiny_random-*.md")).read_text()
+    assert sweeps.main([str(file), "--resume", "--sample_seed", "6", *common]) == 2
+    assert "drew its points with seed 5" in capsys.readouterr().err
+
+
+def test_a_bayes_file_samples_its_space_locally_with_method_random(capsys: pytest.CaptureFixture[str]) -> None:
+    """The repository's Bayes sweep runs here as random search over its space: --count commands, the same ones again
+    from the same --sample_seed."""
+    file = str(ROOT / "configs" / "sweeps" / "minilm_sst2_lr_batch.yaml")
+    outputs = []
+    for _ in range(2):
+        assert sweeps.main([file, "--method", "random", "--count", "4", "--sample_seed", "11", "--dry_run"]) == 0
+        outputs.append(capsys.readouterr().out.strip().splitlines())
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 4
+    for line in outputs[0]:
+        lr = float(re.search(r"--model.init_args.learning_rate=(\S+)", line).group(1))
+        assert 1e-5 <= lr <= 2e-4 and re.search(r"--data.init_args.batch_size=(16|32|64) ", line)
 
 
 def test_the_repository_grid_sweeps_expand_to_train_py_commands_that_parse(capsys: pytest.CaptureFixture[str]) -> None:
