@@ -35,8 +35,9 @@ def read_conll(path: str | Path, tag_column: int = -1, encoding: str = "utf-8") 
     spaces, the token first and the tag in ``tag_column`` (negative: counted from the end); blank
     lines end sentences and ``-DOCSTART-`` lines end documents.
 
-    Returns records ``{"tokens", "tags", "token_lines"}`` (``tags`` is None in a one-column file) and
-    the line of each sentence's first token.
+    Returns records ``{"tokens", "tags", "token_lines", "document"}`` (``tags`` is None in a one-column
+    file; ``document`` counts the ``-DOCSTART-`` lines before the sentence, None before the first) and the
+    line of each sentence's first token.
     """
     text = read_text(path, encoding)  # decompressed when the name ends in .gz / .bz2 / .xz / .zst
     if "\x00" in text:
@@ -47,11 +48,12 @@ def read_conll(path: str | Path, tag_column: int = -1, encoding: str = "utf-8") 
     tags: list[str] = []
     token_lines: list[int] = []
     ncols = first_line = tag_at = None
+    document: int | None = None
 
     def end_sentence() -> None:
         if tokens:
             records.append({"tokens": list(tokens), "tags": list(tags) if tag_at is not None else None,
-                            "token_lines": list(token_lines)})
+                            "token_lines": list(token_lines), "document": document})
             starts.append(token_lines[0])
             tokens.clear(), tags.clear(), token_lines.clear()
 
@@ -62,6 +64,7 @@ def read_conll(path: str | Path, tag_column: int = -1, encoding: str = "utf-8") 
         parts = [p.strip() for p in line.split("\t")] if "\t" in line else line.split()
         if parts[0] == "-DOCSTART-":
             end_sentence()
+            document = 0 if document is None else document + 1
             continue
         if ncols is None:
             ncols, first_line = len(parts), number
@@ -154,6 +157,44 @@ def plan_windows(counts: list[int], budget: int, stride: int) -> list[tuple[int,
     return [(s, e, cuts[k], cuts[k + 1]) for k, (s, e) in enumerate(windows)]
 
 
+def document_contexts(sentences: list[list[str]], documents: list[Any],
+                      words: int) -> tuple[list[list[str]], list[list[str]]]:
+    """For each sentence, the last ``words`` words before it and the first ``words`` after it in its document (a
+    run of consecutive sentences with the same document id)."""
+    left, right = [], []
+    for i, doc in enumerate(documents):
+        before: list[str] = []
+        j = i - 1
+        while j >= 0 and documents[j] == doc and len(before) < words:
+            before = sentences[j] + before
+            j -= 1
+        after: list[str] = []
+        j = i + 1
+        while j < len(sentences) and documents[j] == doc and len(after) < words:
+            after += sentences[j]
+            j += 1
+        left.append(before[len(before) - words:] if len(before) > words else before)
+        right.append(after[:words])
+    return left, right
+
+
+def _context_fit(left: list[int], right: list[int], per_side: int, room: int) -> tuple[int, int]:
+    """How many context words to keep on each side: whole words nearest the sentence, at most ``per_side``
+    sub-tokens a side and ``room`` in all; a side that needs less leaves the rest to the other.
+    ``left`` / ``right`` are the sub-token counts of the words, nearest the sentence first."""
+    def words_within(counts: list[int], cap: int) -> tuple[int, int]:
+        n = used = 0
+        while n < len(counts) and used + counts[n] <= cap:
+            used += counts[n]
+            n += 1
+        return n, used
+
+    _, used_left = words_within(left, min(per_side, room // 2))
+    n_right, used_right = words_within(right, min(per_side, room - used_left))
+    n_left, _ = words_within(left, min(per_side, room - used_right))  # what the right side did not use
+    return n_left, n_right
+
+
 # ---- the data module -------------------------------------------------------------------------------
 
 class TokenClassificationDataModule(TransformerDataModule):
@@ -176,6 +217,12 @@ class TokenClassificationDataModule(TransformerDataModule):
             I-); evaluation always scores each word once, at its first sub-token.
         unseen_tags: what to do with an entity type in evaluation data that training never saw:
             ``error`` (default) or ``O`` (read as O, with a log line saying how many).
+        document_context: sub-tokens of context on each side of a sentence, taken from the sentences around
+            it in its document (as BERT's CoNLL-2003 result and FLERT do); the context is fed to the model
+            but never labelled or scored. Documents are the ``-DOCSTART-`` sections of a CoNLL file, or runs
+            of consecutive records with the same ``document`` field; data without them stops with an error.
+            0 (default): each sentence alone. A sentence longer than ``max_seq_length`` gets its windows
+            without context.
         **kwargs: the shared options of :class:`~datamodules.base.TransformerDataModule`.
     """
 
@@ -191,6 +238,7 @@ class TokenClassificationDataModule(TransformerDataModule):
         doc_stride: int = 32,
         label_all_tokens: bool = False,
         unseen_tags: Literal["error", "O"] = "error",
+        document_context: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -199,6 +247,10 @@ class TokenClassificationDataModule(TransformerDataModule):
         if not 0 <= doc_stride <= self.max_seq_length // 2:
             raise DataError(f"data.doc_stride: expected an integer from 0 to max_seq_length / 2 "
                             f"({self.max_seq_length // 2}), got {doc_stride}")
+        if not 0 <= document_context < self.max_seq_length:
+            raise DataError(f"data.document_context: expected sub-tokens of context per side, from 0 to "
+                            f"max_seq_length - 1 ({self.max_seq_length - 1}), got {document_context}")
+        self.document_context = document_context
         self.tokens_column = tokens_column
         self.tags_column = tags_column
         self.conll_tag_column = conll_tag_column
@@ -221,7 +273,8 @@ class TokenClassificationDataModule(TransformerDataModule):
 
     def cache_key_params(self) -> dict[str, Any]:
         return {**super().cache_key_params(), "tokens": self.tokens_column, "tags": self.tags_column,
-                "conll_tag_column": self.conll_tag_column, "scheme": self.tag_scheme, "stride": self.doc_stride}
+                "conll_tag_column": self.conll_tag_column, "scheme": self.tag_scheme, "stride": self.doc_stride,
+                "document_context": self.document_context}
 
     # ---- records -------------------------------------------------------------------------------
 
@@ -242,7 +295,7 @@ class TokenClassificationDataModule(TransformerDataModule):
             wanted = f"'{tag_col}'" if tag_col else f"found (looked for {', '.join(TAGS_COLUMNS)})"
             raise DataError(f"{source}: no tags column {wanted}; columns found: {found} (set data.tags_column)")
 
-        all_tokens, all_tags, all_lines = [], [], []
+        all_tokens, all_tags, all_lines, documents = [], [], [], []
         for rec, line in zip(records, lines):
             tokens = rec.get(tok_col)
             if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
@@ -254,11 +307,19 @@ class TokenClassificationDataModule(TransformerDataModule):
             all_lines.append(token_lines)
             if labelled:
                 all_tags.append(self._checked_tags(rec.get(tag_col), tokens, tag_col, token_lines, source, line))
-        if not labelled:
-            return {"tokens": all_tokens, "tags": [[] for _ in all_tokens], "token_lines": all_lines,
-                    "sentence": list(range(len(all_tokens)))}
-        return {"tokens": all_tokens, "tags": self._to_iob2(all_tags, all_lines, source),
-                "token_lines": all_lines, "sentence": list(range(len(all_tokens)))}
+            if self.document_context:
+                if rec.get("document") is None:
+                    where = ("comes before any -DOCSTART- line" if conll else "has no 'document' field")
+                    raise DataError(f"{source}:{line}: data.document_context needs each sentence's document, and "
+                                    f"this sentence {where} (use document_context: 0 for independent sentences)")
+                documents.append(rec["document"])
+        columns = {"tokens": all_tokens, "tags": self._to_iob2(all_tags, all_lines, source) if labelled
+                   else [[] for _ in all_tokens], "token_lines": all_lines, "sentence": list(range(len(all_tokens)))}
+        if self.document_context:
+            # whole words, at least as many as the sub-tokens wanted; encode() trims them to fit
+            columns["context_left"], columns["context_right"] = document_contexts(all_tokens, documents,
+                                                                                  self.document_context)
+        return columns
 
     @staticmethod
     def _checked_tags(tags: Any, tokens: list[str], column: str, token_lines: list[int], source: str,
@@ -302,7 +363,11 @@ class TokenClassificationDataModule(TransformerDataModule):
         budget = self.max_seq_length - tokenizer.num_special_tokens_to_add()
         sentences = [list(t) for t in batch["tokens"]]
         whole = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)
-        plans = []
+        contexts = None
+        if "context_left" in batch:  # sub-tokens per context word, nearest the sentence first
+            contexts = list(zip(self._word_counts(tokenizer, [left[::-1] for left in batch["context_left"]]),
+                                self._word_counts(tokenizer, batch["context_right"])))
+        plans = []  # (sentence, the words fed, the sentence index of the first word fed, score_start, score_end)
         for i, words in enumerate(sentences):
             counts = np.bincount([w for w in whole.word_ids(i) if w is not None], minlength=len(words))
             if not counts.all():
@@ -313,19 +378,38 @@ class TokenClassificationDataModule(TransformerDataModule):
                                     "sub-tokens with this tokenizer")
                 words = sentences[i] = [w if c else tokenizer.unk_token for w, c in zip(words, counts)]
                 counts = np.maximum(counts, 1)
-            plans.extend((i, *window) for window in plan_windows(counts.tolist(), budget, self.doc_stride))
-        enc = tokenizer([sentences[i][s:e] for i, s, e, _, _ in plans], is_split_into_words=True, truncation=True,
+            if contexts is not None and int(counts.sum()) <= budget:
+                n_left, n_right = _context_fit(*contexts[i], self.document_context, budget - int(counts.sum()))
+                left = batch["context_left"][i][len(batch["context_left"][i]) - n_left:]
+                plans.append((i, [*left, *words, *batch["context_right"][i][:n_right]], -n_left, 0, len(words)))
+                continue
+            plans.extend((i, words[s:e], s, a, b) for s, e, a, b in plan_windows(counts.tolist(), budget,
+                                                                                 self.doc_stride))
+        enc = tokenizer([fed for _, fed, _, _, _ in plans], is_split_into_words=True, truncation=True,
                         max_length=self.max_seq_length, return_attention_mask=False)
         out: dict[str, list] = {k: [] for k in (*enc.keys(), "word_ids", "score_start", "score_end")}
         out.update({k: [] for k in batch})
-        for j, (i, start, _, score_start, score_end) in enumerate(plans):
+        for j, (i, _, start, score_start, score_end) in enumerate(plans):
             for k in enc.keys():
                 out[k].append(enc[k][j])
-            out["word_ids"].append([-1 if w is None else w + start for w in enc.word_ids(j)])
+            n = len(sentences[i])  # context words (before 0, from n on) are fed, never labelled or scored
+            out["word_ids"].append([-1 if w is None or not 0 <= w + start < n else w + start for w in enc.word_ids(j)])
             out["score_start"].append(score_start)
             out["score_end"].append(score_end)
             for k in batch:
                 out[k].append(batch[k][i])
+        return out
+
+    @staticmethod
+    def _word_counts(tokenizer: Any, word_lists: list[list[str]]) -> list[list[int]]:
+        """Sub-tokens per word of each list (a word with none counts 0: it adds nothing to a window)."""
+        out: list[list[int]] = [[] for _ in word_lists]
+        filled = [k for k, words in enumerate(word_lists) if words]
+        if filled:
+            enc = tokenizer([word_lists[k] for k in filled], is_split_into_words=True, add_special_tokens=False)
+            for j, k in enumerate(filled):
+                ids = [w for w in enc.word_ids(j) if w is not None]
+                out[k] = np.bincount(ids, minlength=len(word_lists[k])).tolist()
         return out
 
     # ---- labels --------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import yaml
 
 from datamodules.readers import DataError
 from datamodules.token_classification import (
+    _context_fit,
+    document_contexts,
     TokenClassificationDataModule,
     detect_scheme,
     plan_windows,
@@ -312,8 +314,9 @@ def test_conll_reader_columns_breaks_and_docstart(tmp_path: Path) -> None:
     tokens_only = tmp_path / "predict.txt"
     tokens_only.write_text("Peter\nBlackburn\n\nEU\n")
     records, _ = read_conll(tokens_only)
-    assert records == [{"tokens": ["Peter", "Blackburn"], "tags": None, "token_lines": [1, 2]},
-                       {"tokens": ["EU"], "tags": None, "token_lines": [4]}]
+    assert records == [{"tokens": ["Peter", "Blackburn"], "tags": None, "token_lines": [1, 2], "document": None},
+                       {"tokens": ["EU"], "tags": None, "token_lines": [4], "document": None}]
+    assert [r["document"] for r in read_conll(path)[0]] == [0, 0, 1]  # counted at each -DOCSTART-
     tabbed = tmp_path / "tab.conll"
     tabbed.write_text("New York\tB-LOC\ncity\tO\n")  # with tabs, a token may hold spaces
     assert read_conll(tabbed)[0][0]["tokens"] == ["New York", "city"]
@@ -391,6 +394,107 @@ def test_first_sub_token_labels_and_label_all_tokens(tokenizer: Any, tmp_path: P
             assert train == first
         assert dm.batch_columns["validation"]["score_word"][0].tolist() == [
             -1, 0, *[-1] * (n - 1), 1, 2, *[-1] * (len("zanzibarian") - 1), 3, 4, -1]
+
+
+# ---- document context ------------------------------------------------------------------------------
+
+def _decoded_windows(dm: TokenClassificationDataModule, tokenizer: Any, split: str) -> list[tuple[str, list[int]]]:
+    ds = dm.datasets[split]
+    return [(" ".join(tokenizer.convert_ids_to_tokens(ids)), words) for ids, words in zip(ds["input_ids"],
+                                                                                         ds["word_ids"])]
+
+
+def test_document_context_feeds_neighbouring_sentences_of_the_same_document_unscored(tokenizer: Any,
+                                                                                     tmp_path: Path) -> None:
+    """Two documents of three sentences: with 6 sub-tokens of context a side, each sentence is fed with the end of
+    the sentence before it and the start of the one after it, from its own document only; the context has no labels
+    and no scores, so evaluation still scores every word once, and the entities are the same as without context."""
+    docs = [make_sentences(3, seed=1), make_sentences(3, seed=2)]
+    lines: list[str] = []
+    for doc in docs:
+        lines += ["-DOCSTART- -X- -X- O", ""]
+        for tokens, tags in doc:
+            lines += [f"{t} NN I-NP {g}" for t, g in zip(tokens, tags)] + [""]
+    path = tmp_path / "docs.conll"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sentences = [s for doc in docs for s in doc]
+    dm = make_dm(tokenizer, tmp_path, train_file=str(path), validation_file=str(path), max_seq_length=64,
+                 document_context=6)
+    dm.setup("fit")
+    windows = _decoded_windows(dm, tokenizer, "validation")
+    assert len(windows) == 6  # short sentences: one window each
+    for k, (text, word_ids) in enumerate(windows):
+        own = " ".join(sentences[k][0]).lower()
+        assert own in text
+        before, _, after = text.partition(own)
+        before = before.replace("[CLS]", "").split()
+        after = after.replace("[SEP]", "").split()
+        first_of_doc, last_of_doc = k % 3 == 0, k % 3 == 2
+        assert (before == []) == first_of_doc and (after == []) == last_of_doc  # never across documents
+        if not first_of_doc:
+            assert 0 < len(before) <= 6 and " ".join(before) in " ".join(sentences[k - 1][0]).lower()
+        if not last_of_doc:
+            assert 0 < len(after) <= 6 and " ".join(after) in " ".join(sentences[k + 1][0]).lower()
+        scored = [w for w in word_ids if w >= 0]
+        assert sorted(set(scored)) == list(range(len(sentences[k][0])))  # only the sentence's words map to words
+    labels = dm.batch_columns["validation"]["labels"]
+    assert [int((lab >= 0).sum()) for lab in labels] == [len(t) for t, _ in sentences]
+    perfect = EntityScores(dm.labels)
+    for batch in dm.val_dataloader():
+        perfect.update(batch["labels"].clamp(min=0), batch["labels"], batch["score_word"], batch["sentence"])
+    assert perfect.sentences()[0] == [tags for _, tags in sentences]
+
+    alone = make_dm(tokenizer, tmp_path / "alone", train_file=str(path), validation_file=str(path),
+                    max_seq_length=64)
+    alone.setup("fit")
+    assert all(len(a) < len(b) for a, b in zip(alone.datasets["validation"]["input_ids"],
+                                               dm.datasets["validation"]["input_ids"]))
+
+
+def test_document_context_fits_the_window_and_long_sentences_keep_their_windows(tokenizer: Any,
+                                                                                tmp_path: Path) -> None:
+    sentences = make_sentences(30, seed=7, long_every=4)
+    path = write_conll(tmp_path / "long.conll", sentences)  # one document
+    dm = make_dm(tokenizer, tmp_path, train_file=str(path), validation_file=str(path), max_seq_length=24,
+                 doc_stride=4, document_context=16)
+    dm.setup("fit")
+    val = dm.datasets["validation"]
+    assert max(val["length"]) <= 24
+    with_context = [w for w in val["word_ids"] if w[1] == -1 or w[-2] == -1]  # [CLS] / [SEP] aside
+    assert len(with_context) > 10
+    perfect = EntityScores(dm.labels)
+    for batch in dm.val_dataloader():
+        perfect.update(batch["labels"].clamp(min=0), batch["labels"], batch["score_word"], batch["sentence"])
+    assert perfect.sentences()[0] == [tags for _, tags in sentences]  # every word scored once, windows or not
+
+
+def test_document_context_needs_documents(tokenizer: Any, tmp_path: Path) -> None:
+    """Tweets (WNUT-17) have no -DOCSTART-: context would mix unrelated sentences, so it stops and says where."""
+    path = tmp_path / "tweets.conll"
+    path.write_text("Paris O\nrocks O\n\nBob B-PER\n", encoding="utf-8")
+    dm = make_dm(tokenizer, tmp_path, train_file=str(path), document_context=8)
+    with pytest.raises(DataError, match=r"tweets\.conll:1: data\.document_context needs each sentence's document, "
+                                        r"and this sentence comes before any -DOCSTART- line"):
+        dm.setup("fit")
+    rows = write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["Paris"], "tags": ["B-LOC"], "document": "a"},
+                                             {"tokens": ["Bob"], "tags": ["B-PER"]}])
+    dm = make_dm(tokenizer, tmp_path, train_file=str(rows), document_context=8)
+    with pytest.raises(DataError, match=r"t\.jsonl:2: .* has no 'document' field"):
+        dm.setup("fit")
+    with pytest.raises(DataError, match=r"data\.document_context: expected .* from 0 to max_seq_length - 1 \(31\)"):
+        TokenClassificationDataModule(max_seq_length=32, doc_stride=8, document_context=32)
+
+
+def test_document_contexts_and_their_fit() -> None:
+    sentences = [["a", "b"], ["c"], ["d", "e", "f"], ["g"]]
+    left, right = document_contexts(sentences, [0, 0, 0, 1], words=2)
+    assert left == [[], ["a", "b"], ["b", "c"], []]
+    assert right == [["c", "d"], ["d", "e"], [], []]  # the nearest 2 words, across sentence ends
+    assert _context_fit([1, 1, 1], [1, 1, 1], per_side=2, room=10) == (2, 2)
+    assert _context_fit([1, 1, 1], [1, 1, 1], per_side=5, room=4) == (2, 2)
+    assert _context_fit([1, 1, 1], [], per_side=5, room=2) == (2, 0)  # no right context: the left takes the room
+    assert _context_fit([3, 1], [1, 1, 1], per_side=5, room=4) == (0, 3)  # whole words only
+    assert _context_fit([2, 2], [1], per_side=8, room=5) == (2, 1)
 
 
 # ---- other sources ---------------------------------------------------------------------------------
@@ -604,6 +708,28 @@ def test_test_and_predict_from_the_checkpoint_match_seqeval(ner_run: dict[str, A
     assert code == 0
     strict = seqeval_scores(gold, [r["tags"] for r in rows], "strict")
     assert results(strict_dir)["test"]["test/f1"] == pytest.approx(strict["f1"], abs=1e-6)
+
+
+def test_document_context_through_train_py_test_and_predict(ner_run: dict[str, Any], tmp_path: Path) -> None:
+    """The checkpoint evaluated and run with 8 sub-tokens of document context: every word comes back once, in
+    order, and the logged test scores are seqeval's on the predictions file."""
+    ckpt = results(ner_run["run_dir"])["best_checkpoint"]
+    exp = yaml.safe_load(ner_run["exp"].read_text())
+    data = exp["data"]["init_args"]
+    data.pop("train_file"), data.pop("validation_file")
+    data.update(predict_file=data["test_file"], document_context=8)
+    exp_path = tmp_path / "context.yaml"
+    exp_path.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "runs"
+    code, test_dir = run_train(["test", "--config", str(exp_path), "--ckpt_path", ckpt, "--output_dir", str(out)])
+    assert code == 0
+    code, pred_dir = run_train(["predict", "--config", str(exp_path), "--ckpt_path", ckpt, "--output_dir", str(out)])
+    assert code == 0
+    rows = [json.loads(x) for x in (pred_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [tokens for tokens, _ in ner_run["test"]]
+    assert [len(r["tags"]) for r in rows] == [len(t) for t, _ in ner_run["test"]]
+    expected = seqeval_scores([tags for _, tags in ner_run["test"]], [r["tags"] for r in rows], "default")
+    assert results(test_dir)["test"]["test/f1"] == pytest.approx(expected["f1"], abs=1e-6)
 
 
 def test_export_loads_in_a_token_classification_pipeline(ner_run: dict[str, Any]) -> None:
