@@ -45,6 +45,23 @@ def test_a_bf16_run_prints_its_summary_without_lightnings_size_warning(tmp_path:
     assert "not supported by the model summary" not in output
 
 
+def test_evaluating_a_checkpoint_in_a_new_run_directory_prints_no_lightning_dirpath_warning(
+        tmp_path: Path, tiny_bert: Path) -> None:
+    """`train.py test --ckpt_path` writes into a run directory of its own; Lightning's note that the checkpoint's
+    directory differs (so its top-k bookkeeping is not restored) says nothing to someone evaluating."""
+    exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, data={"max_train_samples": 16},
+                           trainer={"max_steps": 1, "limit_val_batches": 1})
+    fit = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs"),
+                                "--export", "false", "--test_after_fit", "false"])
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").glob("*/*/checkpoints/*.ckpt"))
+    proc = run_train_subprocess(["test", "--config", str(exp), "--ckpt_path", str(ckpt),
+                                 "--output_dir", str(tmp_path / "runs")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Test metrics: test/accuracy=" in proc.stdout + proc.stderr
+    assert "dirpath has changed" not in proc.stdout + proc.stderr
+
+
 def test_a_terminal_gets_richs_progress_bar_and_model_summary(tmp_path: Path, tiny_bert: Path) -> None:
     exp = write_experiment(tmp_path / "tty.yaml", tiny_bert, data={"max_train_samples": 32},
                            trainer={"max_steps": 2, "limit_val_batches": 1, "enable_progress_bar": True,
