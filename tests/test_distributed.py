@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,8 +231,9 @@ def launch_two_nodes(args: list[str], tmp: Path, caches: tuple[Path, Path]) -> l
 
 
 def tokenised(proc: subprocess.CompletedProcess, split: str) -> int:
-    """How often this process tokenised ``split`` (the progress bar of datasets.map, shown on every rank)."""
-    return proc.stderr.count(f"Tokenising {split}: 100%")
+    """How often this process tokenised ``split`` (the "Tokenised N <split> examples" line, said by every process
+    that tokenises)."""
+    return len(re.findall(rf"Tokenised \d+ {split} examples", proc.stderr))
 
 
 def test_two_nodes_tokenise_once_and_log_one_wandb_run(tiny_bert: Path, tmp_path: Path) -> None:
