@@ -373,21 +373,24 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
             raise SweepError(f"--{key}: the sweep sets it at every point; remove it, or edit the file's parameters")
     seed_list: list[int | None] = list(seeds) if seeds else [None]
     found = _find_record(out, sweep, overrides) if resume and not dry_run else None
-    if found is not None and (found[1].get("parameters") != sweep.parameters or found[1].get("metric") != sweep.metric
-                              or found[1].get("method", "grid") != sweep.method):
+    earlier = found[1] if found else {}
+    if found and (earlier.get("parameters") != sweep.parameters or earlier.get("metric") != sweep.metric
+                  or earlier.get("method", "grid") != sweep.method):
         raise SweepError(f"--resume: {sweep.path}'s method, parameters or metric changed since sweep "
-                         f"{found[1]['id']}; start a new sweep without --resume")
-    count = count or (found[1].get("count") if found else None) or sweep.run_cap
+                         f"{earlier['id']}; start a new sweep without --resume")
+    count = count or earlier.get("count") or sweep.run_cap
     if sweep.method == "random":
         if count is None:
             raise SweepError(f"{_display(sweep.path)}: method random draws points until stopped; give --count N "
                              "(as for wandb agent) or run_cap in the file")
-        if found is not None and sample_seed is not None and sample_seed != found[1].get("sample_seed"):
-            raise SweepError(f"--sample_seed {sample_seed}: sweep {found[1]['id']} drew its points with seed "
-                             f"{found[1].get('sample_seed')}; drop --sample_seed to resume it")
-        sample_seed = found[1]["sample_seed"] if found else sample_seed if sample_seed is not None \
-            else random.randrange(2 ** 31)
-        points = sweep.draw(count, sample_seed)
+        if found and sample_seed is not None and sample_seed != earlier.get("sample_seed"):
+            raise SweepError(f"--sample_seed {sample_seed}: sweep {earlier['id']} drew its points with seed "
+                             f"{earlier.get('sample_seed')}; drop --sample_seed to resume it")
+        if found:
+            sample_seed = earlier["sample_seed"]
+        elif sample_seed is None:
+            sample_seed = random.randrange(2 ** 31)
+        points = sweep.draw(count, sample_seed)  # the same seed and count draw the same points again
     else:
         points = sweep.points()[:count] if count else sweep.points()
     if dry_run:
@@ -405,10 +408,10 @@ def run_sweep(sweep: Sweep, overrides: list[str], seeds: list[int] | None, out: 
         if resume:
             print(f"--resume: no earlier sweep of {sweep.path} with these overrides under {out}; starting one")
         path, record = _new_record(out, sweep, overrides)
-    if sweep.method == "random":
-        record.update(sample_seed=sample_seed, count=count, points=points)
-    elif count:
+    if count:
         record["count"] = count
+    if sweep.method == "random":
+        record["sample_seed"] = sample_seed
     _write_json(path, record)
     total = len(points) * len(seed_list)
     drawn = f"{len(points)} random points (sample seed {sample_seed})" if sweep.method == "random" \
