@@ -362,14 +362,14 @@ class TokenClassificationDataModule(TransformerDataModule):
                             f"sub-tokens to words); {type(tokenizer).__name__} is not one")
         budget = self.max_seq_length - tokenizer.num_special_tokens_to_add()
         sentences = [list(t) for t in batch["tokens"]]
-        whole = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)
+        word_counts = self._word_counts(tokenizer, sentences)
         contexts = None
         if "context_left" in batch:  # sub-tokens per context word, nearest the sentence first
             contexts = list(zip(self._word_counts(tokenizer, [left[::-1] for left in batch["context_left"]]),
                                 self._word_counts(tokenizer, batch["context_right"])))
         plans = []  # (sentence, the words fed, the sentence index of the first word fed, score_start, score_end)
         for i, words in enumerate(sentences):
-            counts = np.bincount([w for w in whole.word_ids(i) if w is not None], minlength=len(words))
+            counts = np.asarray(word_counts[i])
             if not counts.all():
                 # a word with no sub-tokens (a lone zero-width space...) is fed as the unknown token, so
                 # it is still predicted and scored

@@ -3,7 +3,8 @@
 Each known-harmless message is silenced at its source, by exact text, never by a blanket filter: Lightning's
 litlogger tip and a few routine notes, PyTorch's ``_pytree`` deprecation warning that Lightning triggers, W&B's
 warnings about settings Lightning passes (``wandb.require('service')``, ``anonymous``) and its banner and footer
-(``WANDB_QUIET``), transformers' weight-loading progress bar, and datasets' tokenising bar when the output is a file. Warnings that are a run's own business stay.
+(``WANDB_QUIET``), transformers' weight-loading progress bar, and datasets' tokenising bar when the output is a
+file. Warnings that are a run's own business stay.
 ``train.py --verbose_output true`` (or ``TUNEFORGE_VERBOSE=1``) brings everything back.
 """
 
