@@ -18,7 +18,9 @@ from tests.conftest import ROOT, results, run_train, run_train_in_terminal, run_
 def test_output_to_a_file_gets_whole_progress_lines(tmp_path: Path, tiny_bert: Path) -> None:
     exp = write_experiment(tmp_path / "exp.yaml", tiny_bert, trainer={"max_epochs": 2, "enable_progress_bar": True,
                                                                        "enable_model_summary": True})
-    proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")])
+    # its own cache: the session's shared one may already hold these features, and then nothing is tokenised
+    proc = run_train_subprocess(["fit", "--config", str(exp), "--output_dir", str(tmp_path / "runs")],
+                                env={"TUNEFORGE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stdout  # no carriage-return-joined bar in a log file
     assert re.search(r"Tokenised \d+ train examples", proc.stderr)  # tokenised by datasets.map, without its bar
